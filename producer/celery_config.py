@@ -1,0 +1,33 @@
+"""The Celery settings that producers and workers must agree on (serialization, routing, Redis timeouts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.settings import ClientSettings
+
+
+def celery_config(settings: ClientSettings) -> dict[str, Any]:
+    """Celery configuration shared by `producer.Client` and the worker app.
+
+    JSON only: a message is data, never code, so a pickle message sent to the broker is refused, not run.
+    """
+    # Redis redelivers a message that stays unacknowledged past visibility_timeout while its first copy still runs
+    # (celery#5935); the same timeout must be given to the result backend's transport too.
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.backend_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        "task_routes": {"vlmq.run": {"queue": settings.queue}},
+        "result_expires": settings.result_expires_s,
+        "result_extended": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_track_started": True,
+    }

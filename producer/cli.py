@@ -1,0 +1,167 @@
+"""`vlmq`: the command line. Thin: parses arguments and calls the client or the worker.
+
+Producer commands (submit, result) need no torch; worker commands (worker, demo, make-tiny-model) import the
+worker package only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+EXIT_FAILED = 1
+EXIT_NO_RESULT = 2
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producer.client import Client
+    from producer.jobs import Job
+
+    common: dict[str, Any] = {"task": args.task, "max_new_tokens": args.max_new_tokens}
+    if args.question:
+        common["question"] = args.question
+    if args.prompt:
+        common["prompt"] = args.prompt
+    try:
+        if args.together:
+            jobs = [Job(media=list(args.uris), **common)]
+        else:
+            jobs = [Job(media=[uri], **common) for uri in args.uris]
+    except ValidationError as exc:
+        print(f"vlmq submit: invalid job:\n{exc}", file=sys.stderr)
+        return EXIT_NO_RESULT
+    client = Client.from_env()
+    if not args.wait:
+        for job in jobs:
+            print(client.submit(job).id)
+        return 0
+    results = client.run(jobs, progress=not args.quiet, timeout=args.timeout)
+    for result in results:
+        _print_json(result.model_dump(mode="json"))
+    return 0 if all(r.ok for r in results) else EXIT_FAILED
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    client = Client.from_env()
+    try:
+        result = client.result(args.job_id, timeout=args.wait) if args.wait else client.peek(args.job_id)
+    except TimeoutError as exc:
+        print(f"vlmq result: {exc}", file=sys.stderr)
+        return EXIT_NO_RESULT
+    if result is None:
+        print(
+            f"vlmq result: no result for {args.job_id} yet: it is queued, running, or unknown. "
+            "Use --wait SECONDS to wait for it.",
+            file=sys.stderr,
+        )
+        return EXIT_NO_RESULT
+    _print_json(result.model_dump(mode="json"))
+    return 0 if result.ok else EXIT_FAILED
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.app import run_worker
+    from worker.settings import WorkerSettings
+
+    overrides = {
+        "model": args.model,
+        "device": args.device,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "concurrency": args.concurrency,
+        "queue": args.queue,
+    }
+    try:
+        settings = WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        print(f"vlmq worker: invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_NO_RESULT
+    run_worker(settings)
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from worker.tiny import make_tiny_model
+
+    path = make_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote a random-weight LLaVA-OneVision checkpoint to {path} (its text is meaningless)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(jobs=args.jobs, model=args.model, max_batch_size=args.max_batch_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmq",
+        description="Caption and question images and videos with LLaVA-OneVision on queue-fed GPU workers. "
+        "Configuration: VLMQ_* environment variables (see the README).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("worker", help="run a GPU worker: load the model, consume jobs in micro-batches")
+    p.add_argument("--model", help="Hugging Face id or local path (VLMQ_MODEL)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (VLMQ_DEVICE; default auto)")
+    p.add_argument("--max-batch-size", type=int, help="most jobs per generate() call (VLMQ_MAX_BATCH_SIZE; default 8)")
+    p.add_argument("--max-wait-ms", type=float, help="longest wait for batch-mates (VLMQ_MAX_WAIT_MS; default 50)")
+    p.add_argument("--concurrency", type=int, help="jobs in flight: fetching, decoding, batched (default 2 x batch)")
+    p.add_argument("--queue", help="queue to consume (VLMQ_QUEUE; default vlmq)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="enqueue jobs, one per URI; print their ids (or results with --wait)")
+    p.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key, file:///path, ...")
+    p.add_argument("--task", choices=["caption", "qa"], default="caption")
+    p.add_argument("--question", help="the question (task qa)")
+    p.add_argument("--prompt", help="caption prompt instead of the default")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--together", action="store_true", help="one job with all URIs in one prompt (multi-image)")
+    p.add_argument("--wait", action="store_true", help="wait and print each result as a JSON line")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("result", help="print a job's result as JSON (exit 1 if it failed, 2 if none yet)")
+    p.add_argument("job_id")
+    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for it")
+    p.set_defaults(func=cmd_result)
+
+    p = sub.add_parser("make-tiny-model", help="write a random-weight LLaVA-OneVision checkpoint for tests/demos")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("demo", help="everything local, end to end: Redis, S3, a worker, sample images")
+    p.add_argument("--jobs", type=int, default=12, help="how many jobs to run (default 12)")
+    p.add_argument("--model", help="model to try first (default VLMQ_MODEL or the real 0.5B model)")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Submit jobs and collect results. Needs only Redis (and S3 for results past their Redis expiry); never torch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from tqdm import tqdm
+
+from producer.celery_config import celery_config
+from producer.jobs import TASK_NAME, ErrorCode, Job, JobError, JobResult
+from producer.settings import ClientSettings
+from producer.storage import make_s3_client, read_result
+
+_READY_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+def _from_meta(job_id: str, state: str, value: Any) -> JobResult:
+    """A JobResult from a Celery result: the task's return value, or a failed result for a crashed task."""
+    if state == "SUCCESS" and isinstance(value, dict):
+        return JobResult.model_validate(value)
+    code: ErrorCode = "cancelled" if state == "REVOKED" else "internal"
+    message = f"the task ended {state} without a result: {value!r}. Check the worker's log for job {job_id}"
+    return JobResult(id=job_id, status="failed", error=JobError(code=code, message=message, retryable=False))
+
+
+class JobHandle:
+    """A submitted job: its id, and a way to wait for its result."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle(id={self.id!r})"
+
+    @property
+    def state(self) -> str:
+        """Celery's state of the job: PENDING (queued, or unknown), STARTED, RETRY, SUCCESS, ..."""
+        return str(AsyncResult(self.id, app=self.client.celery).state)
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        """Wait for the job's result.
+
+        Raises:
+            TimeoutError: no result after `timeout` seconds (the job may still be queued or running).
+        """
+        return self.client.result(self.id, timeout=timeout)
+
+
+class Client:
+    """Submits jobs to vlmq workers and collects their results.
+
+    Args:
+        settings: a `ClientSettings`; when omitted, built from `VLMQ_*` environment variables and `overrides`
+            (e.g. `Client(broker_url="redis://queue:6379/0")`).
+
+    Example:
+        >>> client = Client.from_env()
+        >>> handle = client.submit(Job(task="caption", media=["s3://media/cat.jpg"]))
+        >>> handle.result(timeout=120).text
+    """
+
+    def __init__(self, settings: ClientSettings | None = None, **overrides: Any) -> None:
+        self.settings = settings or ClientSettings(**overrides)
+        self.celery = Celery("vlmq-producer", set_as_current=False)
+        self.celery.conf.update(celery_config(self.settings))
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Client:
+        """A client configured from `VLMQ_*` environment variables (explicit `overrides` win)."""
+        return cls(ClientSettings(**overrides))
+
+    @cached_property
+    def s3(self) -> Any:
+        return make_s3_client(self.settings)
+
+    def submit(self, job: Job | dict[str, Any]) -> JobHandle:
+        """Validate and enqueue one job; returns at once.
+
+        Raises:
+            pydantic.ValidationError: the job breaks the contract; the message names the field.
+        """
+        job = Job.model_validate(job) if isinstance(job, dict) else Job.model_validate(job.model_dump())
+        if job.submitted_at is None:
+            job.submitted_at = datetime.now(UTC)
+        self.celery.send_task(
+            TASK_NAME,
+            args=[job.model_dump(mode="json", exclude_none=True)],
+            task_id=job.id,
+            queue=self.settings.queue,
+        )
+        return JobHandle(self, job.id)
+
+    def result(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """The result of a job: from Redis while it is kept there, else from S3; waits up to `timeout` seconds.
+
+        Raises:
+            TimeoutError: no result yet after `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async_result: AsyncResult = AsyncResult(job_id, app=self.celery)
+        checked_s3 = False
+        while True:
+            if async_result.state in _READY_STATES:
+                return _from_meta(job_id, async_result.state, async_result.result)
+            if not checked_s3:  # a result expired from Redis still lives in S3
+                stored = read_result(self.s3, self.settings, job_id)
+                if stored is not None:
+                    return stored
+                checked_s3 = True
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"job {job_id} has no result after {timeout} s (state {async_result.state}); "
+                    f"is a worker consuming queue {self.settings.queue!r}? Run `vlmq result {job_id}` later"
+                )
+            time.sleep(0.05)
+
+    def peek(self, job_id: str) -> JobResult | None:
+        """The job's result if it has one now (Redis, then S3), else None. Never waits."""
+        async_result: AsyncResult = AsyncResult(job_id, app=self.celery)
+        if async_result.state in _READY_STATES:
+            return _from_meta(job_id, async_result.state, async_result.result)
+        return read_result(self.s3, self.settings, job_id)
+
+    def run(
+        self,
+        jobs: Iterable[Job | dict[str, Any]],
+        *,
+        progress: bool = True,
+        timeout: float | None = None,
+        poll_interval_s: float = 0.1,
+    ) -> list[JobResult]:
+        """Submit many jobs and wait for all of them; results come back in input order.
+
+        Args:
+            jobs: `Job`s or job dicts; all are validated before any is sent.
+            progress: show a progress bar (done / total, rate, ETA) on stderr.
+            timeout: seconds to wait for all results after the last submission.
+
+        Raises:
+            pydantic.ValidationError: a job breaks the contract (nothing was sent).
+            TimeoutError: some results did not arrive in time.
+        """
+        validated = [Job.model_validate(j) if isinstance(j, dict) else j for j in jobs]
+        handles = [self.submit(job) for job in validated]
+        return self.collect(
+            [h.id for h in handles], progress=progress, timeout=timeout, poll_interval_s=poll_interval_s
+        )
+
+    def collect(
+        self,
+        job_ids: Sequence[str],
+        *,
+        progress: bool = True,
+        timeout: float | None = None,
+        poll_interval_s: float = 0.1,
+    ) -> list[JobResult]:
+        """Wait for the results of already submitted jobs, in the order of `job_ids`."""
+        backend: Any = self.celery.backend  # the Redis backend's get_many is not in celery-types' stubs
+        pending = list(dict.fromkeys(job_ids))
+        done: dict[str, JobResult] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failed = 0
+        with tqdm(total=len(pending), desc="jobs", unit="job", disable=not progress) as bar:
+            while pending:
+                # One MGET per interval for every pending id; get_many yields what is ready, then times out.
+                try:
+                    for task_id, meta in backend.get_many(pending, timeout=poll_interval_s, interval=poll_interval_s):
+                        result = _from_meta(str(task_id), meta["status"], meta["result"])
+                        done[result.id] = result
+                        failed += not result.ok
+                        bar.update(1)
+                        bar.set_postfix(failed=failed, refresh=False)
+                except CeleryTimeoutError:
+                    pass
+                pending = [i for i in pending if i not in done]
+                if pending and deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"{len(pending)} of {len(job_ids)} jobs have no result after {timeout} s; "
+                        f"first pending: {pending[0]}. Are workers consuming queue {self.settings.queue!r}?"
+                    )
+        return [done[i] for i in job_ids]

@@ -1,0 +1,45 @@
+"""Settings shared by producers and workers: where the broker, the result backend and the results bucket are.
+
+Every field is an environment variable with the prefix `VLMQ_` (`VLMQ_BROKER_URL`, ...). AWS credentials come from
+boto3's standard chain (environment, shared files, instance roles), never from here.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ClientSettings(BaseSettings):
+    """What a producer needs: the queue, the result backend and the results bucket."""
+
+    model_config = SettingsConfigDict(env_prefix="VLMQ_", extra="ignore")
+
+    broker_url: str = Field("redis://localhost:6379/0", description="Celery broker (redis:// or rediss://)")
+    result_backend: str | None = Field(None, description="Celery result backend; defaults to the broker URL")
+    queue: str = Field("vlmq", description="queue that jobs are sent to and workers consume")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset means AWS S3")
+    s3_region: str | None = Field(None, description="S3 region; unset means boto3's default chain")
+    results_bucket: str | None = Field(None, description="bucket that workers write JobResult JSON to")
+    results_prefix: str = Field("results/", description="key prefix of result objects: <prefix><job id>.json")
+    visibility_timeout_s: int = Field(
+        6 * 3600,
+        ge=60,
+        description="Redis redelivers a message unacknowledged this long; keep it above the longest job wait + run",
+    )
+    result_expires_s: int = Field(7 * 24 * 3600, ge=60, description="how long Redis keeps a result")
+
+    @field_validator("results_prefix")
+    @classmethod
+    def _prefix_shape(cls, prefix: str) -> str:
+        if prefix.startswith("/"):
+            raise ValueError("VLMQ_RESULTS_PREFIX must not start with '/'. Hint: use e.g. 'results/'")
+        return prefix
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    def result_key(self, job_id: str) -> str:
+        """The S3 key of a job's result object."""
+        return f"{self.results_prefix}{job_id}.json"

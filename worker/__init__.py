@@ -1,0 +1,1 @@
+"""vlmq\x27s GPU side: the Celery worker, the micro-batcher and the model holder."""

@@ -1,0 +1,60 @@
+"""The worker's Celery app: the only module that configures Celery, and the entry point of `vlmq worker`."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from producer.celery_config import celery_config
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    """A Celery app for a GPU worker: JSON only, late acks, one message reserved per free task thread."""
+    app = Celery("vlmq", set_as_current=False)
+    app.conf.update(
+        celery_config(settings),
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        # Consumers have silently stopped after a Redis reconnect (celery#8030); cancelling what ran on the lost
+        # connection lets Redis redeliver it, and the consumer restarts cleanly.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
+    from worker.engine import Engine
+    from worker.tasks import register_tasks
+
+    engine = Engine.start(settings)
+    app = create_app(settings)
+    register_tasks(app, engine)
+    log.info(
+        "worker %s ready: model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queue %r",
+        engine.worker_name,
+        settings.model,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.in_flight,
+        settings.queue,
+    )
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.in_flight}",
+        f"--queues={settings.queue}",
+        "--loglevel=INFO",
+        f"--hostname=vlmq-{engine.worker_name.replace(':', '-')}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    try:
+        app.worker_main(argv)
+    finally:
+        engine.close()

@@ -1,0 +1,119 @@
+"""One worker process's pipeline: validate a job, load its media, batch it with others, build its result.
+
+`Engine.execute` runs in a Celery task thread. Everything up to `Batcher.submit` (S3 reads, decoding, the
+processor) happens in that thread, concurrently with the batcher thread's `model.generate` for earlier jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from producer.jobs import Job, JobResult, Timings
+from producer.storage import make_s3_client
+from worker import media
+from worker.batcher import Batcher
+from worker.errors import InvalidJob, VlmqError
+from worker.model import Generated, Prepared, VisionLanguageModel
+from worker.results import ResultStore
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def parse_job(payload: Any, task_id: str | None = None) -> Job:
+    """Validate a message body against the contract; the Celery task id is the job id when the body has none."""
+    if not isinstance(payload, dict):
+        raise InvalidJob(f"a job must be a JSON object, got {type(payload).__name__}")
+    if task_id and "id" not in payload:
+        payload = {**payload, "id": task_id}
+    try:
+        return Job.model_validate(payload)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in exc.errors())
+        raise InvalidJob(f"invalid job: {problems}") from None
+
+
+@dataclass
+class Outcome:
+    """What `execute` learned about a job before its result is built."""
+
+    text: str
+    batch_size: int
+    timings: Timings
+
+
+class Engine:
+    """Model, media fetcher, batcher and result store of one worker process."""
+
+    def __init__(self, settings: WorkerSettings, model: VisionLanguageModel, s3_client: Any | None = None) -> None:
+        self.settings = settings
+        self.model = model
+        s3 = s3_client or make_s3_client(settings, max_connections=settings.in_flight + 4)
+        self.fetcher = media.MediaFetcher(settings, s3)
+        self.results = ResultStore(s3, settings)
+        self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.batcher: Batcher[Prepared, Generated] = Batcher(
+            model.generate_safely, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
+        )
+
+    @classmethod
+    def start(cls, settings: WorkerSettings) -> Engine:
+        """Load the model (once per process) and start the batcher thread."""
+        engine = cls(settings, VisionLanguageModel.load(settings.model, settings.device))
+        engine.batcher.start()
+        return engine
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def execute(self, job: Job) -> Outcome:
+        """Fetch, decode, prepare and generate for one job; raises a `VlmqError` on failure."""
+        queued_ms = None
+        if job.submitted_at is not None:
+            queued_ms = max(0.0, (datetime.now(UTC) - job.submitted_at).total_seconds() * 1000)
+        started = time.perf_counter()
+        images, videos = [], []
+        for item in job.all_media():
+            decoded = media.load(self.fetcher, item, job.video)
+            if isinstance(decoded, media.Video):
+                videos.append(decoded.frames)
+            else:
+                images.append(decoded)
+        prepared = self.model.prepare(job.conversation(), images, videos, job.generation)
+        fetched = time.perf_counter()
+        generated = self.batcher.submit(prepared, prepared.batch_key(job.id)).result()
+        done = time.perf_counter()
+        timings = Timings(queued=queued_ms, fetch=(fetched - started) * 1000, infer=(done - fetched) * 1000)
+        return Outcome(text=generated.text, batch_size=generated.batch_size, timings=timings)
+
+    def succeeded(self, job: Job, outcome: Outcome, attempts: int) -> JobResult:
+        return JobResult(
+            id=job.id,
+            status="succeeded",
+            text=outcome.text,
+            model=self.model.name,
+            worker=self.worker_name,
+            attempts=attempts,
+            batch_size=outcome.batch_size,
+            timings=outcome.timings,
+            metadata=job.metadata,
+        )
+
+    def failed(self, job_id: str, error: VlmqError, attempts: int, metadata: dict[str, str] | None = None) -> JobResult:
+        return JobResult(
+            id=job_id,
+            status="failed",
+            error=error.to_job_error(),
+            model=self.model.name,
+            worker=self.worker_name,
+            attempts=attempts,
+            metadata=metadata or {},
+        )

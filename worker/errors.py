@@ -1,0 +1,101 @@
+"""Errors a job can end with. Each has a stable `code` (the `JobError.code` users see) and says if retrying helps.
+
+VlmqError
+├── InvalidJob            invalid_job          the job JSON does not match the contract
+├── MediaError
+│   ├── MediaNotFound      media_not_found      the object or file does not exist
+│   ├── MediaForbidden     media_forbidden      the source is not allowed (scheme, bucket, local files)
+│   ├── MediaUnsupported   media_unsupported    a format or kind this worker does not decode
+│   ├── MediaUndecodable   media_undecodable    the bytes are not a valid image / video
+│   ├── MediaTooLarge      media_too_large      bytes or pixels over the configured limits
+│   └── MediaUnavailable   media_unavailable    storage failed or throttled (retryable)
+├── InferenceError         inference_failed     the model failed on this item
+│   └── OutOfMemory        out_of_memory        the item does not fit on the device even alone
+└── ResultWriteFailed      result_write_failed  the result could not be written to S3 (retryable)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from producer.jobs import ErrorCode, JobError
+
+
+class VlmqError(Exception):
+    """Base of every error that ends (or retries) a job."""
+
+    code: ClassVar[ErrorCode] = "internal"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_job_error(self) -> JobError:
+        return JobError(code=self.code, message=self.message, retryable=self.retryable)
+
+
+class InvalidJob(VlmqError):
+    """The job JSON does not match the contract."""
+
+    code = "invalid_job"
+
+
+class MediaError(VlmqError):
+    """A media item could not be used."""
+
+
+class MediaNotFound(MediaError):
+    """The object or file does not exist."""
+
+    code = "media_not_found"
+
+
+class MediaForbidden(MediaError):
+    """The media source is not allowed by this worker's settings."""
+
+    code = "media_forbidden"
+
+
+class MediaUnsupported(MediaError):
+    """A media format or kind this worker does not decode."""
+
+    code = "media_unsupported"
+
+
+class MediaUndecodable(MediaError):
+    """The bytes are not a valid image or video."""
+
+    code = "media_undecodable"
+
+
+class MediaTooLarge(MediaError):
+    """The media is over a configured size limit."""
+
+    code = "media_too_large"
+
+
+class MediaUnavailable(MediaError):
+    """Storage failed or throttled; the same request may succeed later."""
+
+    code = "media_unavailable"
+    retryable = True
+
+
+class InferenceError(VlmqError):
+    """The model failed on this item."""
+
+    code: ClassVar[ErrorCode] = "inference_failed"
+
+
+class OutOfMemory(InferenceError):
+    """The item does not fit on the device even alone."""
+
+    code = "out_of_memory"
+
+
+class ResultWriteFailed(VlmqError):
+    """The result could not be written to S3; retrying may succeed."""
+
+    code = "result_write_failed"
+    retryable = True

