@@ -36,7 +36,7 @@ def run_worker(settings: WorkerSettings) -> None:
     app = create_app(settings)
     register_tasks(app, engine)
     log.info(
-        "worker %s ready: model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queue %r",
+        "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queue %r",
         engine.worker_name,
         settings.model,
         settings.max_batch_size,

@@ -156,7 +156,7 @@ def run_demo(jobs: int = 12, model: str | None = None, max_batch_size: int = 8) 
             try:
                 with console.status(f"starting a worker with {'the tiny model' if tiny else model_path}"):
                     wait_until(
-                        lambda: b"ready" in (workdir / "worker.log").read_bytes(), 600, "the worker", proc=worker
+                        lambda: b" ready." in (workdir / "worker.log").read_bytes(), 600, "the worker", proc=worker
                     )
                 short = Generation(max_new_tokens=24)
                 batch = [

@@ -1,0 +1,132 @@
+"""Shared fixtures: a tiny model, and for integration tests a real redis-server, SeaweedFS and worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from worker.local_services import RedisServer, SeaweedS3, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+MEDIA_BUCKET = "vlmq-test-media"
+RESULTS_BUCKET = "vlmq-test-results"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by directory: tests/integration -> integration, tests/gpu -> gpu (skipped without CUDA)."""
+    cuda = None
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        if "gpu" in parts:
+            item.add_marker(pytest.mark.gpu)
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        for bucket in (MEDIA_BUCKET, RESULTS_BUCKET):
+            server.create_bucket(bucket)
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Stack:
+    """Environment of one test's producer and workers: its own queue on the shared Redis and S3."""
+
+    redis: RedisServer
+    s3: SeaweedS3
+    model: Path
+    workdir: Path
+    queue: str = field(default_factory=lambda: f"q-{uuid.uuid4().hex[:8]}")
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "VLMQ_BROKER_URL": self.redis.url,
+            "VLMQ_S3_ENDPOINT_URL": self.s3.endpoint_url,
+            "VLMQ_RESULTS_BUCKET": RESULTS_BUCKET,
+            "VLMQ_QUEUE": self.queue,
+            "AWS_ACCESS_KEY_ID": "vlmq",
+            "AWS_SECRET_ACCESS_KEY": "vlmq-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self):  # -> producer.Client
+        from producer import Client, ClientSettings
+
+        return Client(
+            ClientSettings(
+                broker_url=self.redis.url,
+                s3_endpoint_url=self.s3.endpoint_url,
+                results_bucket=RESULTS_BUCKET,
+                queue=self.queue,
+            )
+        )
+
+    def start_worker(self, *args: str, **env: str) -> subprocess.Popen:
+        """Start `vlmq worker` on the tiny model and wait until Celery says it is ready."""
+        log_path = self.workdir / f"worker-{len(self.workers)}.log"
+        argv = [sys.executable, "-m", "producer.cli", "worker", "--model", str(self.model), "--device", "cpu", *args]
+        full_env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", **env}
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.workers.append(proc)
+        wait_until(lambda: b" ready." in log_path.read_bytes(), 120, f"worker ({log_path})", proc)
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        return proc
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def stack(
+    redis_server: RedisServer, s3_server: SeaweedS3, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Stack]:
+    s = Stack(redis=redis_server, s3=s3_server, model=tiny_model, workdir=tmp_path)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, s.env[name])  # the test's own Client reads S3 too
+    yield s
+    s.stop_workers()
