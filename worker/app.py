@@ -32,6 +32,10 @@ def run_worker(settings: WorkerSettings) -> None:
     from worker.engine import Engine
     from worker.tasks import register_tasks
 
+    if not settings.results_bucket:
+        log.warning(
+            "VLMQ_RESULTS_BUCKET is not set: results go to Redis only, and expire after %d s", settings.result_expires_s
+        )
     engine = Engine.start(settings)
     app = create_app(settings)
     register_tasks(app, engine)

@@ -77,12 +77,22 @@ def build_tokenizer():  # -> transformers.Qwen2Tokenizer
     return tokenizer
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(
+    directory: str | Path,
+    seed: int = 0,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    image_size: int = IMAGE_SIZE,
+) -> Path:
     """Write a random-weight LLaVA-OneVision checkpoint to `directory` and return its path.
 
     Args:
         directory: where to write; created if missing.
         seed: torch seed for the random weights; the same seed writes the same weights.
+        hidden_size: width of the language model (the vision tower is half as wide).
+        num_layers: layers of the language model and of the vision tower.
+        image_size: side of one crop in pixels (a multiple of 8); (image_size / 8)^2 tokens per crop.
     """
     import torch
     from transformers import (
@@ -98,24 +108,24 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    pinpoints = [[IMAGE_SIZE * h, IMAGE_SIZE * w] for h in range(1, 4) for w in range(1, 4)]
+    pinpoints = [[image_size * h, image_size * w] for h in range(1, 4) for w in range(1, 4)]
     config = LlavaOnevisionConfig(
         vision_config={
             "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
+            "hidden_size": hidden_size // 2,
+            "intermediate_size": hidden_size,
+            "num_hidden_layers": num_layers,
             "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
+            "image_size": image_size,
             "patch_size": PATCH_SIZE,
             "vision_use_head": False,
         },
         text_config={
             "model_type": "qwen2",
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 32768,
@@ -142,14 +152,14 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(out)
 
-    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    size = {"height": image_size, "width": image_size}
     image_processor = LlavaOnevisionImageProcessor(size=size, crop_size=size, image_grid_pinpoints=pinpoints)
     video_processor = LlavaOnevisionVideoProcessor(size=size)
     processor = LlavaOnevisionProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        num_image_tokens=(image_size // PATCH_SIZE) ** 2,
         vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
         vision_aspect_ratio="anyres_max_9",
