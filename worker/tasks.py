@@ -36,6 +36,10 @@ def register_tasks(app: Celery, engine: Engine) -> None:
                 retry_later(self, exc)
                 log.info("job %s failed: %s: %s", job.id, exc.code, exc.message)
                 result = engine.failed(job.id, exc, attempts, job.metadata)
+            except Exception as exc:  # a bug, not bad input: still one coded, recorded result for the job
+                log.exception("job %s: unexpected error", job.id)
+                error = VlmqError(f"unexpected {type(exc).__name__}: {exc}. This is a vlmq bug; please report it")
+                result = engine.failed(job.id, error, attempts, job.metadata)
         try:
             engine.results.write(result)
         except ResultWriteFailed as exc:

@@ -1,0 +1,178 @@
+"""Images/s through the full queue (Redis + S3 + `vlmq worker`) vs the bare in-process loop, at batch 1, 8, 16.
+
+The bare loop is what a script would do without vlmq: decode the images, run the processor on a batch (left
+padding) and call `generate`, same model, same jobs, same batch size. The pipeline number is wall time from the
+first submission to the last result, with the worker already started and warm.
+
+    python bench/throughput.py [--jobs 96] [--batch-sizes 1 8 16] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from producer import Client, ClientSettings, Job  # noqa: E402
+from producer.jobs import Generation  # noqa: E402
+from worker.local_services import RedisServer, SeaweedS3, wait_until  # noqa: E402
+
+SIZES = [(640, 480), (480, 640), (384, 384), (1000, 200), (300, 900), (800, 600)]
+MEDIA_BUCKET, RESULTS_BUCKET = "bench-media", "bench-results"
+MAX_NEW_TOKENS = 16
+
+
+def make_images(n: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def bare_loop(model_dir: Path, images: list[bytes], batch_size: int) -> float:
+    """Images/s of decode + processor + generate in this process, `batch_size` images per call."""
+    import torch
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def run(chunk: list[bytes]) -> None:
+        decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk]
+        inputs = processor(images=decoded, text=[prompt] * len(chunk), return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+
+    run(images[:batch_size])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        run(images[i : i + batch_size])
+    return len(images) / (time.perf_counter() - started)
+
+
+def pipeline(env: dict[str, str], model_dir: Path, uris: list[str], batch_size: int, log: Path) -> float:
+    """Images/s through Client -> Redis -> worker -> S3 + Redis, worker warm."""
+    queue = f"bench-{batch_size}"
+    settings = ClientSettings(
+        broker_url=env["VLMQ_BROKER_URL"],
+        s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"],
+        results_bucket=RESULTS_BUCKET,
+        queue=queue,
+    )
+    client = Client(settings)
+    argv = [sys.executable, "-m", "producer.cli", "worker", "--model", str(model_dir), "--device", "cpu"]
+    argv += ["--max-batch-size", str(batch_size), "--queue", queue]
+    with log.open("wb") as out:
+        worker = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until(lambda: b" ready." in log.read_bytes(), 120, "worker", worker)
+        generation = Generation(max_new_tokens=MAX_NEW_TOKENS)
+        prompt = "Describe this image."
+        warm = [Job(media=[u], prompt=prompt, generation=generation) for u in uris[:batch_size]]
+        client.run(warm, progress=False, timeout=300)
+        jobs = [Job(media=[u], prompt=prompt, generation=generation) for u in uris]
+        started = time.perf_counter()
+        results = client.run(jobs, progress=False, timeout=600, poll_interval_s=0.02)
+        elapsed = time.perf_counter() - started
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+        sizes = [r.batch_size or 0 for r in results]
+        print(f"  pipeline batch {batch_size}: mean batch size {sum(sizes) / len(sizes):.1f}", flush=True)
+        return len(jobs) / elapsed
+    finally:
+        worker.terminate()
+        worker.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=96)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+
+    import torch
+
+    from worker.tiny import make_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="vlmq-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = make_tiny_model(work / "model")
+        images = make_images(args.jobs)
+        redis = RedisServer(work / "redis").start()
+        s3 = SeaweedS3(work / "s3").start()
+        try:
+            for bucket in (MEDIA_BUCKET, RESULTS_BUCKET):
+                s3.create_bucket(bucket)
+            client = s3.client()
+            uris = []
+            for i, body in enumerate(images):
+                client.put_object(Bucket=MEDIA_BUCKET, Key=f"img/{i:05d}.jpg", Body=body)
+                uris.append(f"s3://{MEDIA_BUCKET}/img/{i:05d}.jpg")
+            env = {
+                "VLMQ_BROKER_URL": redis.url,
+                "VLMQ_S3_ENDPOINT_URL": s3.endpoint_url,
+                "VLMQ_RESULTS_BUCKET": RESULTS_BUCKET,
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+            os.environ.update(env)
+            rows = []
+            for b in args.batch_sizes:
+                bare = bare_loop(model_dir, images, b)
+                print(f"bare batch {b}: {bare:.1f} img/s", flush=True)
+                piped = pipeline(env, model_dir, uris, b, work / f"worker-{b}.log")
+                print(f"pipeline batch {b}: {piped:.1f} img/s ({piped / bare:.0%} of bare)", flush=True)
+                rows.append((b, bare, piped))
+        finally:
+            s3.stop()
+            redis.stop()
+
+    base_bare, base_pipe = rows[0][1], rows[0][2]
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}, torch {torch.__version__}"
+    lines = [
+        "| max batch size | bare loop img/s | pipeline img/s | pipeline / bare | bare vs batch "
+        f"{rows[0][0]} | pipeline vs batch {rows[0][0]} |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, bare, piped in rows:
+        lines.append(
+            f"| {b} | {bare:.1f} | {piped:.1f} | {piped / bare:.0%} | {bare / base_bare:.1f}x | {piped / base_pipe:.1f}x |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    section = (
+        f"\n## Queue throughput vs bare loop ({datetime.now(UTC):%Y-%m-%d})\n\n"
+        f"- machine: {machine}, no GPU (CPU fp32)\n"
+        f"- command: `python bench/throughput.py --jobs {args.jobs} --batch-sizes {' '.join(map(str, args.batch_sizes))}`\n"
+        f"- model: `vlmq make-tiny-model` defaults (random weights, 32 px crops, ~20 ms per image alone); "
+        f"{args.jobs} JPEG images in {len(SIZES)} sizes, {MAX_NEW_TOKENS} new tokens, greedy\n\n{table}\n"
+    )
+    if not args.out.exists():
+        args.out.write_text("# Benchmarks\n\nNumbers from `bench/`; ratios are measured side by side in one run.\n")
+    with args.out.open("a") as f:
+        f.write(section)
+
+
+if __name__ == "__main__":
+    main()
