@@ -25,7 +25,6 @@ def celery_config(settings: ClientSettings) -> dict[str, Any]:
         "task_default_queue": settings.queue,
         "task_routes": {"vlmq.run": {"queue": settings.queue}},
         "result_expires": settings.result_expires_s,
-        "result_extended": True,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
