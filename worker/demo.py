@@ -113,8 +113,8 @@ def _printable(text: str) -> str:
 def results_table(jobs: list[Job], results: list[JobResult]) -> Table:
     table = Table(title="vlmq demo results")
     for column in ("job", "media", "task", "status", "batch", "fetch ms", "infer ms"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("text / error", no_wrap=True, overflow="ellipsis", max_width=60)
+        table.add_column(column, no_wrap=True, min_width=len(column) if column != "status" else 9)
+    table.add_column("text / error", no_wrap=True, overflow="ellipsis", max_width=50)
     for job, r in zip(jobs, results, strict=True):
         what = r.text if r.ok else f"{r.error.code}: {r.error.message}" if r.error else ""
         table.add_row(
