@@ -13,7 +13,6 @@ import argparse
 import io
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from producer import Client, ClientSettings, Job  # noqa: E402
 from producer.jobs import Generation  # noqa: E402
-from worker.local_services import RedisServer, SeaweedS3, wait_until  # noqa: E402
+from worker.local_services import RedisServer, SeaweedS3, start_worker  # noqa: E402
 
 SIZES = [(640, 480), (480, 640), (384, 384), (1000, 200), (300, 900), (800, 600)]
 MEDIA_BUCKET, RESULTS_BUCKET = "bench-media", "bench-results"
@@ -70,7 +69,7 @@ def bare_loop(model_dir: Path, images: list[bytes], batch_size: int) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def pipeline(env: dict[str, str], model_dir: Path, uris: list[str], batch_size: int, log: Path) -> float:
+def pipeline(env: dict[str, str], model_dir: Path, uris: list[str], batch_size: int, workdir: Path) -> float:
     """Images/s through Client -> Redis -> worker -> S3 + Redis, worker warm."""
     queue = f"bench-{batch_size}"
     settings = ClientSettings(
@@ -80,12 +79,9 @@ def pipeline(env: dict[str, str], model_dir: Path, uris: list[str], batch_size: 
         queue=queue,
     )
     client = Client(settings)
-    argv = [sys.executable, "-m", "producer.cli", "worker", "--model", str(model_dir), "--device", "cpu"]
-    argv += ["--max-batch-size", str(batch_size), "--queue", queue]
-    with log.open("wb") as out:
-        worker = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    args = ("--device", "cpu", "--max-batch-size", str(batch_size), "--queue", queue)
+    worker = start_worker(model_dir, workdir, *args, env=env, name=f"worker-{batch_size}")
     try:
-        wait_until(lambda: b" ready." in log.read_bytes(), 120, "worker", worker)
         generation = Generation(max_new_tokens=MAX_NEW_TOKENS)
         prompt = "Describe this image."
         warm = [Job(media=[u], prompt=prompt, generation=generation) for u in uris[:batch_size]]
@@ -99,8 +95,7 @@ def pipeline(env: dict[str, str], model_dir: Path, uris: list[str], batch_size: 
         print(f"  pipeline batch {batch_size}: mean batch size {sum(sizes) / len(sizes):.1f}", flush=True)
         return len(jobs) / elapsed
     finally:
-        worker.terminate()
-        worker.wait(60)
+        worker.stop()
 
 
 def main() -> None:
@@ -141,7 +136,7 @@ def main() -> None:
             for b in args.batch_sizes:
                 bare = bare_loop(model_dir, images, b)
                 print(f"bare batch {b}: {bare:.1f} img/s", flush=True)
-                piped = pipeline(env, model_dir, uris, b, work / f"worker-{b}.log")
+                piped = pipeline(env, model_dir, uris, b, work)
                 print(f"pipeline batch {b}: {piped:.1f} img/s ({piped / bare:.0%} of bare)", flush=True)
                 rows.append((b, bare, piped))
         finally:

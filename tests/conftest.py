@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.local_services import RedisServer, SeaweedS3, wait_until
+from worker.local_services import RedisServer, SeaweedS3, Service, start_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 MEDIA_BUCKET = "vlmq-test-media"
@@ -71,7 +67,7 @@ class Stack:
     model: Path
     workdir: Path
     queue: str = field(default_factory=lambda: f"q-{uuid.uuid4().hex[:8]}")
-    workers: list[subprocess.Popen] = field(default_factory=list)
+    workers: list[Service] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -97,28 +93,16 @@ class Stack:
             )
         )
 
-    def start_worker(self, *args: str, **env: str) -> subprocess.Popen:
-        """Start `vlmq worker` on the tiny model and wait until Celery says it is ready."""
-        log_path = self.workdir / f"worker-{len(self.workers)}.log"
-        argv = [sys.executable, "-m", "producer.cli", "worker", "--model", str(self.model), "--device", "cpu", *args]
-        full_env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", **env}
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.workers.append(proc)
-        wait_until(lambda: b" ready." in log_path.read_bytes(), 120, f"worker ({log_path})", proc)
-        proc.log_path = log_path  # type: ignore[attr-defined]
-        return proc
+    def start_worker(self, *args: str) -> Service:
+        """Start `vlmq worker` on the tiny model (CPU) and wait until Celery says it is ready."""
+        name = f"worker-{len(self.workers)}"
+        worker = start_worker(self.model, self.workdir, "--device", "cpu", *args, env=self.env, name=name)
+        self.workers.append(worker)
+        return worker
 
     def stop_workers(self) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.workers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        for worker in self.workers:
+            worker.stop()
 
 
 @pytest.fixture

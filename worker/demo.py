@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from rich.table import Table
 
 from producer.client import Client
 from producer.jobs import Generation, Job, JobResult
-from worker.local_services import RedisServer, SeaweedS3, wait_until
+from worker.local_services import RedisServer, SeaweedS3, Service, start_worker
 from worker.settings import DEFAULT_MODEL
 
 MEDIA_BUCKET = "vlmq-demo"
@@ -149,15 +147,11 @@ def run_demo(jobs: int = 12, model: str | None = None, max_batch_size: int = 8) 
                 f"uploaded {len(uris) + 1} sample objects to s3://{MEDIA_BUCKET}/samples/ (one is not an image)"
             )
 
-            worker_log = (workdir / "worker.log").open("wb")
-            argv = [sys.executable, "-m", "producer.cli", "worker", "--model", model_path]
-            argv += ["--max-batch-size", str(max_batch_size)]
-            worker = subprocess.Popen(argv, env={**os.environ, **env}, stdout=worker_log, stderr=subprocess.STDOUT)
+            worker: Service | None = None
             try:
                 with console.status(f"starting a worker with {'the tiny model' if tiny else model_path}"):
-                    wait_until(
-                        lambda: b" ready." in (workdir / "worker.log").read_bytes(), 600, "the worker", proc=worker
-                    )
+                    args = ("--max-batch-size", str(max_batch_size))
+                    worker = start_worker(model_path, workdir, *args, env=env, timeout_s=600)
                 short = Generation(max_new_tokens=24)
                 batch = [
                     Job(task="qa", media=[uri], question=QUESTIONS[i % len(QUESTIONS)], generation=short)
@@ -174,11 +168,8 @@ def run_demo(jobs: int = 12, model: str | None = None, max_batch_size: int = 8) 
                 console.print((workdir / "worker.log").read_text(errors="replace")[-3000:])
                 raise
             finally:
-                worker.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    worker.wait(30)
-                if worker.poll() is None:
-                    worker.kill()
+                if worker is not None:
+                    worker.stop()
             Console(width=max(Console().width, 140)).print(results_table(batch, results))
             ok = sum(r.ok for r in results)
             console.print(

@@ -13,8 +13,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,11 +79,38 @@ class Service:
         return ""
 
 
-def _spawn(name: str, argv: list[str], workdir: Path) -> Service:
+def _spawn(name: str, argv: list[str], workdir: Path, env: Mapping[str, str] | None = None) -> Service:
     log_path = workdir / f"{name}.log"
-    log = log_path.open("ab")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
+        )
     return Service(name=name, proc=proc, log_path=log_path)
+
+
+def start_worker(
+    model: str | Path,
+    workdir: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    name: str = "worker",
+    timeout_s: float = 120,
+) -> Service:
+    """Start `vlmq worker --model MODEL ARGS...` (log in `workdir/NAME.log`) and wait until Celery says ready."""
+    argv = [sys.executable, "-m", "producer.cli", "worker", "--model", str(model), *args]
+    service = _spawn(name, argv, workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    service.kill_after_s = 30  # SIGTERM is a warm shutdown: the running batch finishes first
+    try:
+        wait_until(
+            lambda: b" ready." in service.log_path.read_bytes(),
+            timeout_s,
+            f"the worker ({service.log_path})",
+            service.proc,
+        )
+    except BaseException:
+        service.stop()
+        raise
+    return service
 
 
 @dataclass
