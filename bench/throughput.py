@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=96)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--worker-torch-threads", type=int, default=1, help="worker's VLMQ_TORCH_THREADS")
     args = parser.parse_args()
 
     import torch
@@ -130,6 +131,7 @@ def main() -> None:
                 "AWS_ACCESS_KEY_ID": "bench",
                 "AWS_SECRET_ACCESS_KEY": "bench-secret",
                 "AWS_DEFAULT_REGION": "us-east-1",
+                "VLMQ_TORCH_THREADS": str(args.worker_torch_threads),
             }
             os.environ.update(env)
             rows = []
@@ -160,7 +162,10 @@ def main() -> None:
     section = (
         f"\n## Queue throughput vs bare loop ({datetime.now(UTC):%Y-%m-%d})\n\n"
         f"- machine: {machine}, no GPU (CPU fp32)\n"
-        f"- command: `python bench/throughput.py --jobs {args.jobs} --batch-sizes {' '.join(map(str, sizes))}`\n"
+        f"- command: `python bench/throughput.py --jobs {args.jobs} --batch-sizes {' '.join(map(str, sizes))} "
+        f"--worker-torch-threads {args.worker_torch_threads}`\n"
+        f"- torch threads: worker {args.worker_torch_threads} (VLMQ_TORCH_THREADS), bare loop torch's default "
+        f"({torch.get_num_threads()})\n"
         f"- model: `vlmq make-tiny-model` defaults (random weights, 32 px crops, ~20 ms per image alone); "
         f"{args.jobs} JPEG images in {len(SIZES)} sizes, {MAX_NEW_TOKENS} new tokens, greedy\n\n{table}\n"
     )

@@ -11,7 +11,6 @@ import pytest
 
 from worker.local_services import RedisServer, SeaweedS3, Service, start_worker
 
-ROOT = Path(__file__).resolve().parent.parent
 MEDIA_BUCKET = "vlmq-test-media"
 RESULTS_BUCKET = "vlmq-test-results"
 

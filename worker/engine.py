@@ -67,7 +67,8 @@ class Engine:
     @classmethod
     def start(cls, settings: WorkerSettings) -> Engine:
         """Load the model (once per process) and start the batcher thread."""
-        engine = cls(settings, VisionLanguageModel.load(settings.model, settings.device))
+        model = VisionLanguageModel.load(settings.model, settings.device, settings.torch_threads)
+        engine = cls(settings, model)
         engine.batcher.start()
         return engine
 

@@ -92,12 +92,25 @@ class VisionLanguageModel:
         self.load_seconds = 0.0
 
     @classmethod
-    def load(cls, model_id: str, device: str = "auto") -> VisionLanguageModel:
-        """Load a checkpoint the way the model card does (id or local path; honours HF_HUB_OFFLINE)."""
+    def load(cls, model_id: str, device: str = "auto", torch_threads: int | None = None) -> VisionLanguageModel:
+        """Load a checkpoint the way the model card does (id or local path; honours HF_HUB_OFFLINE).
+
+        Args:
+            model_id: Hugging Face id or local checkpoint directory.
+            device: `auto`, `cpu`, `cuda` or `cuda:N`.
+            torch_threads: torch's CPU threads per operation for this process; None: 1 with CUDA, else torch's
+                default.
+        """
         from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
         started = time.perf_counter()
         torch_device, dtype = resolve_device(device)
+        # Many task threads run the processor's torch ops at once; an intra-op pool per op on top of them only
+        # oversubscribes the cores (its idle threads spin). Measured on CPU: 1 thread halves the processor's
+        # CPU time for the same wall time (BENCHMARKS.md).
+        threads = torch_threads or (1 if torch_device.type == "cuda" else None)
+        if threads:
+            torch.set_num_threads(threads)
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(
             model_id, dtype=dtype, low_cpu_mem_usage=True, attn_implementation="sdpa"
         )

@@ -21,6 +21,13 @@ class WorkerSettings(ClientSettings):
     concurrency: int | None = Field(
         None, ge=1, le=1024, description="jobs in flight per worker (fetching, decoding, waiting); default 2 x batch"
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch CPU threads per operation; default 1 with CUDA (task threads give the parallelism), "
+        "torch's own default on CPU",
+    )
     allow_local_files: bool = Field(False, description="allow file:// media (only for trusted producers)")
     allowed_buckets: list[str] = Field(default_factory=list, description="S3 buckets media may come from; empty = any")
     max_media_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest media object fetched, in bytes")
