@@ -92,10 +92,11 @@ class Stack:
             )
         )
 
-    def start_worker(self, *args: str) -> Service:
-        """Start `vlmq worker` on the tiny model (CPU) and wait until Celery says it is ready."""
+    def start_worker(self, *args: str, env: dict[str, str] | None = None) -> Service:
+        """Start `vlmq worker` on the tiny model (CPU), with extra `VLMQ_` settings, and wait until it is ready."""
         name = f"worker-{len(self.workers)}"
-        worker = start_worker(self.model, self.workdir, "--device", "cpu", *args, env=self.env, name=name)
+        env = {**self.env, **(env or {})}
+        worker = start_worker(self.model, self.workdir, "--device", "cpu", *args, env=env, name=name)
         self.workers.append(worker)
         return worker
 

@@ -80,6 +80,8 @@ def make_clip(frames: int, width: int, height: int, fps: int, seed: int, codec: 
     with av.open(buf, "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libvpx-vp9":
+            stream.options = {"crf": "30", "b": "0"}  # libvpx refuses to open without a rate control mode
         for _ in range(frames):
             frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), format="rgb24")
             container.mux(stream.encode(frame))

@@ -81,8 +81,10 @@ class Engine:
         if job.submitted_at is not None:
             queued_ms = max(0.0, (datetime.now(UTC) - job.submitted_at).total_seconds() * 1000)
         started = time.perf_counter()
+        items = job.all_media()
+        media.check_media_count(len(items), self.settings)
         images, videos = [], []
-        for item in job.all_media():
+        for item in items:
             decoded = media.load(self.fetcher, item, job.video)
             if isinstance(decoded, media.Video):
                 videos.append(decoded.frames)

@@ -34,6 +34,8 @@ from worker.settings import WorkerSettings
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 _FORBIDDEN_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+# Box types an ISO BMFF (MP4, MOV, M4V, 3GP) file starts with: `ftyp`, or for old QuickTime files one of the others.
+_MP4_FIRST_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"}
 
 # Size limits are checked explicitly below (MediaTooLarge); Pillow's own warning would only add noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -80,12 +82,17 @@ class MediaFetcher:
             raise MediaForbidden(f"bucket {bucket!r} is not in this worker's VLMQ_ALLOWED_BUCKETS")
         limit = self.settings.max_media_bytes
         try:
+            # The size comes with GetObject's headers, before any of the body is read: a HeadObject first would
+            # cost a round trip per item and say the same. The body is read with a cap in case the header lies.
             response = self.s3.get_object(Bucket=bucket, Key=key)
             size = int(response.get("ContentLength") or 0)
+            if size <= limit:
+                data: bytes = response["Body"].read(limit + 1)
+                size = len(data)
+            response["Body"].close()
             if size > limit:
-                response["Body"].close()
-                raise MediaTooLarge(f"{uri} is {size:,} bytes, over the limit of {limit:,} (VLMQ_MAX_MEDIA_BYTES)")
-            return response["Body"].read()
+                raise MediaTooLarge(too_large(uri, size, limit))
+            return data
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
@@ -110,12 +117,16 @@ class MediaFetcher:
             if not path.is_file():
                 raise MediaNotFound(f"{uri} is not a regular file")
             if size > self.settings.max_media_bytes:
-                raise MediaTooLarge(f"{uri} is {size:,} bytes, over the limit of {self.settings.max_media_bytes:,}")
+                raise MediaTooLarge(too_large(uri, size, self.settings.max_media_bytes))
             return path.read_bytes()
         except FileNotFoundError:
             raise MediaNotFound(f"{uri} does not exist on the worker") from None
         except PermissionError:
             raise MediaForbidden(f"the worker may not read {uri}") from None
+
+
+def too_large(uri: str, size: int, limit: int) -> str:
+    return f"{uri} is {size:,} bytes, over the limit of {limit:,} (VLMQ_MAX_MEDIA_BYTES)"
 
 
 def decode_image(data: bytes, uri: str, max_pixels: int) -> Image.Image:
@@ -177,22 +188,77 @@ def frame_indices(num_total: int, fps: float, sampling: VideoSampling) -> list[i
     return [int(i) for i in np.linspace(first, last, sampling.num_frames, dtype=int)]
 
 
-def decode_video(data: bytes, uri: str, sampling: VideoSampling) -> Video:
-    """Decode the sampled frames of a video from memory with decord."""
+def video_container(data: bytes) -> str | None:
+    """The container of video bytes by their first bytes: `mp4` (ISO BMFF / QuickTime), `matroska`, `avi`, or None.
+
+    Sniffed here so that FFmpeg never probes anything else: its HLS and concat demuxers open the files and URLs a
+    playlist names, so a playlist named `.mp4` must not reach it.
+    """
+    if len(data) >= 12 and data[4:8] in _MP4_FIRST_BOXES:
+        return "mp4"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
+def decode_video(data: bytes, uri: str, sampling: VideoSampling, settings: WorkerSettings) -> Video:
+    """Decode the sampled frames of a video from memory with decord, after checking its container and limits."""
     import decord
 
     if not data:
         raise MediaUndecodable(f"{uri} is empty (0 bytes)")
+    container = video_container(data)
+    if container is None:
+        raise MediaUnsupported(f"{uri} is not an MP4/MOV, Matroska/WebM or AVI video; re-encode it as H.264 in MP4")
+    if container not in settings.video_containers:
+        allowed = ", ".join(settings.video_containers)
+        raise MediaUnsupported(
+            f"{uri} is a {container} video; this worker opens only {allowed} (VLMQ_VIDEO_CONTAINERS)"
+        )
     try:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-        fps = float(reader.get_avg_fps())
-        indices = frame_indices(len(reader), fps, sampling)
+        total, fps = len(reader), float(reader.get_avg_fps())
+        check_video_limits(uri, total, fps, settings)
+        height, width = reader.next().shape[:2]  # one frame tells the size; get_batch seeks back
+        if width * height > settings.max_video_pixels:
+            raise MediaTooLarge(
+                f"{uri} is {width}x{height} pixels per frame, over VLMQ_MAX_VIDEO_PIXELS={settings.max_video_pixels:,}"
+            )
+        indices = frame_indices(total, fps, sampling)
         frames = reader.get_batch(indices).asnumpy()
     except MediaError:
         raise
     except Exception as exc:  # decord raises DECORDError / RuntimeError with FFmpeg's message
-        raise MediaUndecodable(f"{uri} could not be decoded as a video: {exc}") from None
+        raise MediaUndecodable(
+            f"{uri} could not be decoded as a video ({exc}); check that it plays, or re-encode it as H.264 in MP4"
+        ) from None
     return Video(frames=frames, indices=indices, fps=fps)
+
+
+def check_video_limits(uri: str, total_frames: int, fps: float, settings: WorkerSettings) -> None:
+    """Refuse a video whose declared frame count or duration is over the worker's limits, before decoding it."""
+    if total_frames > settings.max_video_frames:
+        raise MediaTooLarge(
+            f"{uri} has {total_frames:,} frames, over VLMQ_MAX_VIDEO_FRAMES={settings.max_video_frames:,}"
+        )
+    if not math.isfinite(fps) or fps <= 0:
+        raise MediaUndecodable(f"{uri} declares no usable frame rate ({fps})")
+    seconds = total_frames / fps
+    if seconds > settings.max_video_seconds:
+        raise MediaTooLarge(
+            f"{uri} lasts {seconds:,.1f} s, over VLMQ_MAX_VIDEO_SECONDS={settings.max_video_seconds:,.0f}"
+        )
+
+
+def check_media_count(count: int, settings: WorkerSettings) -> None:
+    """Refuse a job with more images and videos than the worker takes, before fetching any of them."""
+    if count > settings.max_media_per_job:
+        raise MediaTooLarge(
+            f"the job has {count} images and videos, over VLMQ_MAX_MEDIA_PER_JOB={settings.max_media_per_job}; "
+            "split it into several jobs"
+        )
 
 
 def load(fetcher: MediaFetcher, media: Media, sampling: VideoSampling) -> Decoded:
@@ -200,4 +266,4 @@ def load(fetcher: MediaFetcher, media: Media, sampling: VideoSampling) -> Decode
     data = fetcher.fetch(media.uri)
     if media.kind == "image":
         return decode_image(data, media.uri, fetcher.settings.max_image_pixels)
-    return decode_video(data, media.uri, sampling)
+    return decode_video(data, media.uri, sampling, fetcher.settings)

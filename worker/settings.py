@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator
 
 from producer.settings import ClientSettings
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+VideoContainer = Literal["mp4", "matroska", "avi"]
+VIDEO_CONTAINERS: tuple[VideoContainer, ...] = ("mp4", "matroska", "avi")
 
 
 class WorkerSettings(ClientSettings):
@@ -32,6 +35,15 @@ class WorkerSettings(ClientSettings):
     allowed_buckets: list[str] = Field(default_factory=list, description="S3 buckets media may come from; empty = any")
     max_media_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest media object fetched, in bytes")
     max_image_pixels: int = Field(64_000_000, ge=1, description="largest decoded image (width x height)")
+    max_media_per_job: int = Field(16, ge=1, le=64, description="most images and videos in one job")
+    max_video_seconds: float = Field(3600.0, gt=0, description="longest video (its whole duration, not the window)")
+    max_video_frames: int = Field(216_000, ge=1, description="most frames a video may declare (1 h at 60 fps)")
+    max_video_pixels: int = Field(3840 * 2160, ge=1, description="largest video frame (width x height; 4K UHD)")
+    video_containers: list[VideoContainer] = Field(
+        default_factory=lambda: list(VIDEO_CONTAINERS),
+        description="video containers opened, recognised by their first bytes: mp4 (also MOV, M4V, 3GP), "
+        "matroska (also WebM), avi",
+    )
     max_retries: int = Field(5, ge=0, le=100, description="retries of a job after a transient error")
     retry_backoff_s: int = Field(2, ge=0, description="first retry delay; doubles per retry, with full jitter")
     retry_backoff_max_s: int = Field(300, ge=0, description="cap on one retry delay")

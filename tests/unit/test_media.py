@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from producer.jobs import VideoSampling
+from tests.reference import make_clip
 from worker.errors import MediaForbidden, MediaNotFound, MediaTooLarge, MediaUndecodable, MediaUnsupported
-from worker.media import MediaFetcher, decode_image, frame_indices
+from worker.media import (
+    MediaFetcher,
+    check_media_count,
+    decode_image,
+    decode_video,
+    frame_indices,
+    video_container,
+)
 from worker.settings import WorkerSettings
 
 
@@ -98,3 +107,77 @@ def test_buckets_outside_the_allow_list_are_refused_before_any_request() -> None
     fetcher = MediaFetcher(WorkerSettings(allowed_buckets=["media"]), s3_client=None)
     with pytest.raises(MediaForbidden, match="'private' is not in this worker's VLMQ_ALLOWED_BUCKETS"):
         fetcher.fetch("s3://private/a.jpg")
+
+
+CLIP_30_FRAMES_64x48_10FPS = make_clip(frames=30, width=64, height=48, fps=10, seed=2)
+
+
+def decode(data: bytes, num_frames: int = 4, **limits) -> list[int]:
+    return decode_video(data, "v.mp4", VideoSampling(num_frames=num_frames), WorkerSettings(**limits)).indices
+
+
+def test_video_containers_are_recognised_by_their_first_bytes() -> None:
+    assert video_container(CLIP_30_FRAMES_64x48_10FPS) == "mp4"
+    assert video_container(make_clip(4, 32, 32, 10, seed=1, codec="libvpx-vp9")) == "matroska"
+    assert video_container(b"RIFF\x00\x00\x00\x00AVI LIST") == "avi"
+    assert video_container(b"#EXTM3U\n#EXTINF:10,\nfile:///etc/passwd\n") is None
+    assert video_container(b"ffconcat version 1.0\nfile /etc/passwd\n") is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
+        b"ffconcat version 1.0\nfile /etc/passwd\n",
+        bytes(range(256)) * 20,
+    ],
+    ids=["hls-playlist", "concat-playlist", "random-bytes"],
+)
+def test_playlists_and_other_non_containers_never_reach_ffmpeg(data: bytes) -> None:
+    with pytest.raises(MediaUnsupported, match="is not an MP4/MOV, Matroska/WebM or AVI video"):
+        decode(data)
+
+
+def test_a_container_left_out_of_the_setting_is_refused() -> None:
+    webm = make_clip(4, 32, 32, 10, seed=1, codec="libvpx-vp9")
+    assert decode(webm, video_containers=["mp4", "matroska"]) == [0, 1, 2, 3]
+    with pytest.raises(MediaUnsupported, match=r"is a matroska video; this worker opens only mp4 \(VLMQ_VIDEO"):
+        decode(webm, video_containers=["mp4"])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [CLIP_30_FRAMES_64x48_10FPS[: len(CLIP_30_FRAMES_64x48_10FPS) // 2], CLIP_30_FRAMES_64x48_10FPS[:40], b""],
+    ids=["half", "header-only", "empty"],
+)
+def test_truncated_videos_are_undecodable(data: bytes) -> None:
+    with pytest.raises(MediaUndecodable):
+        decode(data)
+
+
+@pytest.mark.parametrize(
+    ("limit", "at", "over", "message"),
+    [
+        ("max_video_frames", 30, 29, "has 30 frames, over VLMQ_MAX_VIDEO_FRAMES=29"),
+        ("max_video_seconds", 3.0, 2.99, "lasts 3.0 s, over VLMQ_MAX_VIDEO_SECONDS=3"),
+        ("max_video_pixels", 64 * 48, 64 * 48 - 1, "is 64x48 pixels per frame, over VLMQ_MAX_VIDEO_PIXELS=3,071"),
+    ],
+)
+def test_video_limits_refuse_just_over_and_allow_just_at(limit: str, at: float, over: float, message: str) -> None:
+    assert decode(CLIP_30_FRAMES_64x48_10FPS, **{limit: at}) == [0, 9, 19, 29]
+    with pytest.raises(MediaTooLarge, match=re.escape(message)):
+        decode(CLIP_30_FRAMES_64x48_10FPS, **{limit: over})
+
+
+def test_jobs_with_more_media_than_the_worker_takes_are_refused() -> None:
+    check_media_count(3, WorkerSettings(max_media_per_job=3))
+    with pytest.raises(MediaTooLarge, match="the job has 4 images and videos, over VLMQ_MAX_MEDIA_PER_JOB=3"):
+        check_media_count(4, WorkerSettings(max_media_per_job=3))
+
+
+def test_local_files_over_the_byte_limit_are_refused_before_reading(tmp_path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(b"x" * 100)
+    assert MediaFetcher(WorkerSettings(allow_local_files=True, max_media_bytes=100), None).fetch(path.as_uri())
+    with pytest.raises(MediaTooLarge, match="is 100 bytes, over the limit of 99"):
+        MediaFetcher(WorkerSettings(allow_local_files=True, max_media_bytes=99), None).fetch(path.as_uri())
