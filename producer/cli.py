@@ -82,6 +82,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "max_wait_ms": args.max_wait_ms,
         "concurrency": args.concurrency,
         "queue": args.queue,
+        "metrics_port": args.metrics_port,
     }
     try:
         settings = WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, help="longest wait for batch-mates (VLMQ_MAX_WAIT_MS; default 50)")
     p.add_argument("--concurrency", type=int, help="jobs in flight: fetching, decoding, batched (default 2 x batch)")
     p.add_argument("--queue", help="queue to consume (VLMQ_QUEUE; default vlmq)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (VLMQ_METRICS_PORT)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("submit", help="enqueue jobs, one per URI; print their ids (or results with --wait)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
 
 from producer.celery_config import celery_config
 from worker.settings import WorkerSettings
@@ -39,6 +40,11 @@ def run_worker(settings: WorkerSettings) -> None:
     engine = Engine.start(settings)
     app = create_app(settings)
     register_tasks(app, engine)
+    if settings.metrics_port:
+        engine.metrics.serve(settings.metrics_port)
+        log.info("Prometheus metrics on :%d/metrics", settings.metrics_port)
+    worker_ready.connect(lambda **_: engine.metrics.ready.set(1), weak=False)
+    worker_shutting_down.connect(lambda **_: engine.metrics.ready.set(0), weak=False)
     log.info(
         "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queue %r",
         engine.worker_name,

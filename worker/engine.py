@@ -21,6 +21,7 @@ from producer.storage import make_s3_client
 from worker import media
 from worker.batcher import Batcher
 from worker.errors import InvalidJob, VlmqError
+from worker.metrics import Metrics
 from worker.model import Generated, Prepared, VisionLanguageModel
 from worker.results import ResultStore
 from worker.settings import WorkerSettings
@@ -53,24 +54,41 @@ class Outcome:
 class Engine:
     """Model, media fetcher, batcher and result store of one worker process."""
 
-    def __init__(self, settings: WorkerSettings, model: VisionLanguageModel, s3_client: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        model: VisionLanguageModel,
+        s3_client: Any | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.model = model
+        self.metrics = metrics or Metrics()
         s3 = s3_client or make_s3_client(settings, max_connections=settings.in_flight + 4)
         self.fetcher = media.MediaFetcher(settings, s3)
         self.results = ResultStore(s3, settings)
         self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.batcher: Batcher[Prepared, Generated] = Batcher(
-            model.generate_safely, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
+            self._run_batch, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
         )
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> Engine:
         """Load the model (once per process) and start the batcher thread."""
+        metrics = Metrics()
+        started = time.perf_counter()
         model = VisionLanguageModel.load(settings.model, settings.device, settings.torch_threads)
-        engine = cls(settings, model)
+        metrics.model_load_seconds.set(time.perf_counter() - started)
+        metrics.watch_gpu_memory(model.memory_allocated)
+        engine = cls(settings, model, metrics=metrics)
         engine.batcher.start()
         return engine
+
+    def _run_batch(self, items: list[Prepared]) -> list[Generated | BaseException]:
+        started = time.perf_counter()
+        outcomes = self.model.generate_safely(items)
+        self.metrics.batch(len(items), time.perf_counter() - started)
+        return outcomes
 
     def close(self) -> None:
         self.batcher.close()
@@ -80,6 +98,7 @@ class Engine:
         queued_ms = None
         if job.submitted_at is not None:
             queued_ms = max(0.0, (datetime.now(UTC) - job.submitted_at).total_seconds() * 1000)
+            self.metrics.queue_wait.observe(queued_ms / 1000)
         started = time.perf_counter()
         items = job.all_media()
         media.check_media_count(len(items), self.settings)
@@ -92,6 +111,7 @@ class Engine:
                 images.append(decoded)
         prepared = self.model.prepare(job.conversation(), images, videos, job.generation)
         fetched = time.perf_counter()
+        self.metrics.media_seconds.observe(fetched - started)
         generated = self.batcher.submit(prepared, prepared.batch_key(job.id)).result()
         done = time.perf_counter()
         timings = Timings(queued=queued_ms, fetch=(fetched - started) * 1000, infer=(done - fetched) * 1000)

@@ -219,6 +219,10 @@ class VisionLanguageModel:
         half = len(items) // 2
         return self.generate_safely(items[:half]) + self.generate_safely(items[half:])
 
+    def memory_allocated(self) -> float:
+        """Bytes of device memory torch holds for tensors (0 on CPU)."""
+        return float(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else 0.0
+
     def _free_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

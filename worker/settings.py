@@ -47,6 +47,7 @@ class WorkerSettings(ClientSettings):
     max_retries: int = Field(5, ge=0, le=100, description="retries of a job after a transient error")
     retry_backoff_s: int = Field(2, ge=0, description="first retry delay; doubles per retry, with full jitter")
     retry_backoff_max_s: int = Field(300, ge=0, description="cap on one retry delay")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="serve Prometheus /metrics here; unset = off")
     worker_name: str | None = Field(None, description="name reported in results; default hostname:pid")
 
     @field_validator("device")

@@ -45,6 +45,7 @@ def register_tasks(app: Celery, engine: Engine) -> None:
         except ResultWriteFailed as exc:
             retry_later(self, exc)
             log.error("job %s: %s; its result is in Redis only", result.id, exc.message)
+        engine.metrics.finished(result)
         return result.model_dump(mode="json")
 
     def retry_later(task: Task, exc: VlmqError) -> None:
@@ -57,5 +58,6 @@ def register_tasks(app: Celery, engine: Engine) -> None:
             maximum=settings.retry_backoff_max_s,
             full_jitter=True,
         )
+        engine.metrics.retries.labels(exc.code).inc()
         log.warning("job %s: %s; retry %d in %d s", task.request.id, exc.message, task.request.retries + 1, delay)
         raise task.retry(exc=exc, countdown=delay)

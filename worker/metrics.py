@@ -1,0 +1,57 @@
+"""Prometheus metrics of one worker process, served on `VLMQ_METRICS_PORT` (`/metrics`) when it is set.
+
+Each `Metrics` has its own registry, so tests and several engines in one process never share counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from producer.jobs import JobResult
+
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The worker's counters, histograms and gauges (documented in the README's metrics table)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter("vlmq_jobs", "Jobs finished, by status and error code", ["status", "code"], registry=r)
+        self.retries = Counter("vlmq_job_retries", "Retries scheduled after a retryable error", ["code"], registry=r)
+        self.queue_wait = Histogram(
+            "vlmq_queue_wait_seconds", "From submission to a task thread starting the job", buckets=SECONDS, registry=r
+        )
+        self.media_seconds = Histogram(
+            "vlmq_media_seconds", "Fetch, decode and prepare of one job's media", buckets=SECONDS, registry=r
+        )
+        self.batch_size = Histogram("vlmq_batch_size", "Items per generate call", buckets=BATCH_SIZES, registry=r)
+        self.model_seconds = Histogram(
+            "vlmq_model_seconds", "Wall time of one batch in the model (generate)", buckets=SECONDS, registry=r
+        )
+        self.model_busy = Counter(
+            "vlmq_model_busy_seconds", "Time the model loop spent running batches; rate() < 1 is idle", registry=r
+        )
+        self.items = Counter("vlmq_model_items", "Items that went through the model", registry=r)
+        self.model_load_seconds = Gauge("vlmq_model_load_seconds", "Time taken to load the model", registry=r)
+        self.ready = Gauge("vlmq_ready", "1 once the model is loaded and the worker consumes jobs", registry=r)
+        self.gpu_memory = Gauge("vlmq_gpu_memory_bytes", "Device memory allocated by torch (0 on CPU)", registry=r)
+
+    def finished(self, result: JobResult) -> None:
+        self.jobs.labels(result.status, result.error.code if result.error else "").inc()
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.model_seconds.observe(seconds)
+        self.model_busy.inc(seconds)
+        self.items.inc(size)
+
+    def watch_gpu_memory(self, read: Callable[[], float]) -> None:
+        self.gpu_memory.set_function(read)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # all interfaces: scraped from outside the pod
+        start_http_server(port, addr=addr, registry=self.registry)
