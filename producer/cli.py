@@ -71,6 +71,36 @@ def cmd_result(args: argparse.Namespace) -> int:
     return 0 if result.ok else EXIT_FAILED
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    letters = Client.from_env().dead_letters()
+    for letter in letters:
+        if args.json:
+            _print_json({"job": letter.job, "result": letter.result.model_dump(mode="json")})
+        else:
+            error = letter.result.error
+            code, message = (error.code, error.message) if error else ("", "")
+            print(f"{letter.result.id}\t{letter.result.finished_at:%Y-%m-%dT%H:%M:%SZ}\t{code}\t{message}")
+    if not args.json:
+        print(f"{len(letters)} dead-lettered jobs", file=sys.stderr)
+    return 0
+
+
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    sent = Client.from_env().retry_failed(args.job_ids or None)
+    for job_id in sent:
+        print(job_id)
+    missing = set(args.job_ids) - set(sent)
+    print(f"re-enqueued {len(sent)} dead-lettered jobs under their own ids", file=sys.stderr)
+    if missing:
+        print(f"vlmq retry-failed: not dead-lettered: {', '.join(sorted(missing))}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import run_worker
     from worker.settings import WorkerSettings
@@ -142,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for it")
     p.set_defaults(func=cmd_result)
+
+    p = sub.add_parser("dead-letters", help="list jobs that exhausted their retries or kept crashing workers")
+    p.add_argument("--json", action="store_true", help="one JSON line per job: the job and its failed result")
+    p.set_defaults(func=cmd_dead_letters)
+
+    p = sub.add_parser("retry-failed", help="re-enqueue dead-lettered jobs (all, or the ids given) under their ids")
+    p.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    p.set_defaults(func=cmd_retry_failed)
 
     p = sub.add_parser("make-tiny-model", help="write a random-weight LLaVA-OneVision checkpoint for tests/demos")
     p.add_argument("dir")

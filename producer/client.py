@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from producer.celery_config import celery_config
 from producer.jobs import TASK_NAME, ErrorCode, Job, JobError, JobResult
+from producer.ledger import DeadLetter, Ledger
 from producer.settings import ClientSettings
 from producer.storage import make_s3_client, read_result
 
@@ -81,8 +82,15 @@ class Client:
     def s3(self) -> Any:
         return make_s3_client(self.settings)
 
-    def submit(self, job: Job | dict[str, Any]) -> JobHandle:
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.settings)
+
+    def submit(self, job: Job | dict[str, Any], *, force: bool = False) -> JobHandle:
         """Validate and enqueue one job; returns at once.
+
+        A job id that already succeeded is not run again: the worker returns the stored result (`force=True`
+        runs it again).
 
         Raises:
             pydantic.ValidationError: the job breaks the contract; the message names the field.
@@ -90,13 +98,35 @@ class Client:
         job = Job.model_validate(job) if isinstance(job, dict) else Job.model_validate(job.model_dump())
         if job.submitted_at is None:
             job.submitted_at = datetime.now(UTC)
-        self.celery.send_task(
-            TASK_NAME,
-            args=[job.model_dump(mode="json", exclude_none=True)],
-            task_id=job.id,
-            queue=self.settings.queue,
-        )
+        self._send(job.model_dump(mode="json", exclude_none=True), job.id, force=force)
         return JobHandle(self, job.id)
+
+    def _send(self, payload: dict[str, Any], job_id: str, force: bool = False) -> None:
+        kwargs = {"force": True} if force else {}
+        self.celery.send_task(TASK_NAME, args=[payload], kwargs=kwargs, task_id=job_id, queue=self.settings.queue)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Jobs of this client's queue that failed after exhausting their retries or crashing workers."""
+        return self.ledger.dead_letters()
+
+    def retry_failed(self, job_ids: Sequence[str] | None = None) -> list[str]:
+        """Enqueue dead-lettered jobs again under their own ids (all of them, or `job_ids`); returns the ids sent.
+
+        Their stored failed results are removed first, so `result()` waits for the new run.
+        """
+        wanted = None if job_ids is None else set(job_ids)
+        sent = []
+        for letter in self.dead_letters():
+            job_id = letter.result.id
+            if wanted is not None and job_id not in wanted:
+                continue
+            self.ledger.forget(job_id)
+            AsyncResult(job_id, app=self.celery).forget()
+            if self.settings.results_bucket:
+                self.s3.delete_object(Bucket=self.settings.results_bucket, Key=self.settings.result_key(job_id))
+            self._send({**letter.job, "submitted_at": datetime.now(UTC).isoformat()}, job_id)
+            sent.append(job_id)
+        return sent
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """The result of a job: from Redis while it is kept there, else from S3; waits up to `timeout` seconds.

@@ -221,6 +221,7 @@ ErrorCode = Literal[
     "out_of_memory",
     "inference_failed",
     "result_write_failed",
+    "worker_lost",
     "expired",
     "cancelled",
     "internal",

@@ -23,9 +23,10 @@ class ClientSettings(BaseSettings):
     results_bucket: str | None = Field(None, description="bucket that workers write JobResult JSON to")
     results_prefix: str = Field("results/", description="key prefix of result objects: <prefix><job id>.json")
     visibility_timeout_s: int = Field(
-        6 * 3600,
-        ge=60,
-        description="Redis redelivers a message unacknowledged this long; keep it above the longest job wait + run",
+        900,
+        ge=1,
+        description="Redis redelivers a message unacknowledged this long (so a dead worker's jobs come back after it); "
+        "keep it above the longest retry delay + batch run",
     )
     result_expires_s: int = Field(7 * 24 * 3600, ge=60, description="how long Redis keeps a result")
 

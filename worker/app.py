@@ -8,6 +8,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
 from producer.celery_config import celery_config
+from producer.ledger import Ledger
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def run_worker(settings: WorkerSettings) -> None:
         )
     engine = Engine.start(settings)
     app = create_app(settings)
-    register_tasks(app, engine)
+    register_tasks(app, engine, Ledger(settings))
     if settings.metrics_port:
         engine.metrics.serve(settings.metrics_port)
         log.info("Prometheus metrics on :%d/metrics", settings.metrics_port)

@@ -21,6 +21,7 @@ from producer.storage import make_s3_client
 from worker import media
 from worker.batcher import Batcher
 from worker.errors import InvalidJob, VlmqError
+from worker.faults import Faults
 from worker.metrics import Metrics
 from worker.model import Generated, Prepared, VisionLanguageModel
 from worker.results import ResultStore
@@ -64,6 +65,8 @@ class Engine:
         self.settings = settings
         self.model = model
         self.metrics = metrics or Metrics()
+        self.faults = Faults.parse(settings.faults)
+        model.faults = self.faults
         s3 = s3_client or make_s3_client(settings, max_connections=settings.in_flight + 4)
         self.fetcher = media.MediaFetcher(settings, s3)
         self.results = ResultStore(s3, settings)
@@ -101,6 +104,8 @@ class Engine:
             self.metrics.queue_wait.observe(queued_ms / 1000)
         started = time.perf_counter()
         items = job.all_media()
+        if self.faults is not None:
+            self.faults.on_job([item.uri for item in items])
         media.check_media_count(len(items), self.settings)
         images, videos = [], []
         for item in items:

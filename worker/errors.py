@@ -11,7 +11,8 @@ VlmqError
 │   └── MediaUnavailable   media_unavailable    storage failed or throttled (retryable)
 ├── InferenceError         inference_failed     the model failed on this item
 │   └── OutOfMemory        out_of_memory        the item does not fit on the device even alone
-└── ResultWriteFailed      result_write_failed  the result could not be written to S3 (retryable)
+├── ResultWriteFailed      result_write_failed  the result could not be written to S3 (retryable)
+└── WorkerLost             worker_lost          workers died running the job, VLMQ_MAX_CRASHES times
 """
 
 from __future__ import annotations
@@ -99,3 +100,9 @@ class ResultWriteFailed(VlmqError):
 
     code = "result_write_failed"
     retryable = True
+
+
+class WorkerLost(VlmqError):
+    """Workers died while running the job, too many times: it is dead-lettered instead of run again."""
+
+    code = "worker_lost"

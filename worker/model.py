@@ -25,6 +25,7 @@ from PIL import Image
 
 from producer.jobs import Generation
 from worker.errors import InferenceError, OutOfMemory, VlmqError
+from worker.faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class VisionLanguageModel:
         self.processor = processor
         self.name = name
         self.device = device
+        self.faults: Faults | None = None  # fault injection for tests (VLMQ_FAULTS)
         self.dtype = next(model.parameters()).dtype
         # transformers pads on the right by default; batched generation needs left padding, or each shorter
         # prompt would be followed by pad tokens and its continuation would differ from the same prompt alone.
@@ -181,6 +183,8 @@ class VisionLanguageModel:
 
     def generate(self, items: Sequence[Prepared]) -> list[Generated]:
         """One `model.generate` call for items with equal batch keys; returns each item's text."""
+        if self.faults is not None:
+            self.faults.on_batch([item.num_tokens for item in items])
         generation = items[0].generation
         batch = self.collate(items)
         inputs = {

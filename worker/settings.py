@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from producer.settings import ClientSettings
 
@@ -45,9 +45,13 @@ class WorkerSettings(ClientSettings):
         "matroska (also WebM), avi",
     )
     max_retries: int = Field(5, ge=0, le=100, description="retries of a job after a transient error")
+    max_crashes: int = Field(
+        3, ge=1, le=100, description="a job running when its worker died this many times is dead-lettered"
+    )
     retry_backoff_s: int = Field(2, ge=0, description="first retry delay; doubles per retry, with full jitter")
     retry_backoff_max_s: int = Field(300, ge=0, description="cap on one retry delay")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="serve Prometheus /metrics here; unset = off")
+    faults: str | None = Field(None, description="fault injection for vlmq's own tests (JSON, see worker/faults.py)")
     worker_name: str | None = Field(None, description="name reported in results; default hostname:pid")
 
     @field_validator("device")
@@ -56,6 +60,17 @@ class WorkerSettings(ClientSettings):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             raise ValueError(f"device {device!r} is not auto, cpu, cuda or cuda:N. Hint: --device cuda:0")
         return device
+
+    @model_validator(mode="after")
+    def _redelivery_after_retry_delays(self) -> WorkerSettings:
+        # A retry waiting for its countdown is an unacknowledged message: a shorter visibility timeout would make
+        # Redis deliver it a second time while the first copy waits.
+        if self.visibility_timeout_s <= self.retry_backoff_max_s:
+            raise ValueError(
+                f"VLMQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must be longer than VLMQ_RETRY_BACKOFF_MAX_S "
+                f"({self.retry_backoff_max_s}): a retry waiting for its delay would be delivered twice"
+            )
+        return self
 
     @property
     def in_flight(self) -> int:

@@ -1,4 +1,9 @@
-"""The Celery task `vlmq.run`: one job per task, so acks, retries and results stay per job."""
+"""The Celery task `vlmq.run`: one job per task, so acks, retries and results stay per job.
+
+Delivery is at least once (late acks: a worker killed mid-job leaves the message to be redelivered). The ledger
+turns that into one terminal result per job: a redelivered copy of a job that already succeeded returns the stored
+result, and a job that was running when workers died `max_crashes` times is dead-lettered instead of looping.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +13,88 @@ from typing import Any
 from celery import Celery, Task
 from celery.utils.time import get_exponential_backoff_interval
 
-from producer.jobs import TASK_NAME
+from producer.jobs import TASK_NAME, JobResult
+from producer.ledger import Ledger
+from producer.storage import read_result
 from worker.engine import Engine, parse_job
-from worker.errors import InvalidJob, ResultWriteFailed, VlmqError
+from worker.errors import InvalidJob, ResultWriteFailed, VlmqError, WorkerLost
+from worker.isolation import Isolation
 
 log = logging.getLogger(__name__)
 
 
-def register_tasks(app: Celery, engine: Engine) -> None:
+def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
     """Register `vlmq.run` on `app`, bound to this process's engine."""
     settings = engine.settings
+    isolation = Isolation()
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=settings.max_retries)
-    def run(self: Task, payload: Any) -> dict[str, Any]:
-        """Run one job; always returns a JobResult (as JSON), `failed` with a coded error when it fails."""
-        attempts = self.request.retries + 1
+    def run(self: Task, payload: Any, force: bool = False) -> dict[str, Any]:
+        """Run one job; always returns a JobResult (as JSON), `failed` with a coded error when it fails.
+
+        `force=True` runs a job again even if a result of an earlier success is stored.
+        """
         task_id = str(self.request.id)
+        # A redelivered message whose job was started more often than its retries explain was running when a worker
+        # died: it runs alone this time, so that if it is what kills workers it takes no neighbour with it.
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        suspect = redelivered and ledger.starts(task_id) > self.request.retries
+        with isolation.alone() if suspect else isolation.shared():
+            return handle(self, task_id, payload, force=force, redelivered=redelivered)
+
+    def handle(task: Task, task_id: str, payload: Any, *, force: bool, redelivered: bool) -> dict[str, Any]:
+        starts, succeeded_before = ledger.started(task_id, task.request.retries)
+        attempts = starts
+        crashes = starts - 1 - task.request.retries  # starts that neither finished nor asked for a retry
+        # The S3 result is the commit point: a copy redelivered after its worker died between writing it and
+        # acknowledging the message, or a resubmitted id that succeeded, returns it instead of running again.
+        if (redelivered or succeeded_before) and not force:
+            stored = read_result(engine.results.s3, settings, task_id)
+            if stored is not None and stored.ok:
+                log.info("job %s already succeeded; returning its stored result", task_id)
+                ledger.finished(stored)
+                return stored.model_dump(mode="json")
+        dead = False
         try:
             job = parse_job(payload, task_id)
         except InvalidJob as exc:
             log.warning("job %s refused: %s", task_id, exc.message)
             result = engine.failed(task_id, exc, attempts)
         else:
-            try:
-                result = engine.succeeded(job, engine.execute(job), attempts)
-            except VlmqError as exc:
-                retry_later(self, exc)
-                log.info("job %s failed: %s: %s", job.id, exc.code, exc.message)
-                result = engine.failed(job.id, exc, attempts, job.metadata)
-            except Exception as exc:  # a bug, not bad input: still one coded, recorded result for the job
-                log.exception("job %s: unexpected error", job.id)
-                error = VlmqError(f"unexpected {type(exc).__name__}: {exc}. This is a vlmq bug; please report it")
-                result = engine.failed(job.id, error, attempts, job.metadata)
+            if crashes >= settings.max_crashes:
+                error = WorkerLost(
+                    f"workers died {crashes} times while running this job, so it was not run again. Its media may "
+                    "crash the decoder or the model: check them, then `vlmq retry-failed`"
+                )
+                log.error("job %s: %s", job.id, error.message)
+                result, dead = engine.failed(job.id, error, attempts, job.metadata), True
+            else:
+                result, dead = run_job(task, job, attempts)
         try:
             engine.results.write(result)
         except ResultWriteFailed as exc:
-            retry_later(self, exc)
+            retry_later(task, exc)
             log.error("job %s: %s; its result is in Redis only", result.id, exc.message)
+        code = f" {result.error.code}" if result.error else ""
+        log.info("job %s finished: %s%s, attempt %d", result.id, result.status, code, result.attempts)
+        if dead:
+            ledger.dead_letter(payload, result)
+        ledger.finished(result)
         engine.metrics.finished(result)
         return result.model_dump(mode="json")
+
+    def run_job(task: Task, job: Any, attempts: int) -> tuple[JobResult, bool]:
+        """The job's result, and whether it goes to the dead letters (retries exhausted)."""
+        try:
+            return engine.succeeded(job, engine.execute(job), attempts), False
+        except VlmqError as exc:
+            retry_later(task, exc)
+            log.info("job %s failed: %s: %s", job.id, exc.code, exc.message)
+            return engine.failed(job.id, exc, attempts, job.metadata), exc.retryable
+        except Exception as exc:  # a bug, not bad input: still one coded, recorded result for the job
+            log.exception("job %s: unexpected error", job.id)
+            error = VlmqError(f"unexpected {type(exc).__name__}: {exc}. This is a vlmq bug; please report it")
+            return engine.failed(job.id, error, attempts, job.metadata), False
 
     def retry_later(task: Task, exc: VlmqError) -> None:
         """Raise Celery's Retry for a retryable error while retries are left (exponential backoff, full jitter)."""

@@ -1,0 +1,97 @@
+"""Per-job bookkeeping in Redis that Celery does not keep: deliveries, finished jobs, dead letters.
+
+- `vlmq:deliveries:<id>`: how many times a worker started the job in its current run. A worker killed mid-job
+  leaves it counted; the redelivered copy sees one start more than its Celery retries explain: a crash.
+- `vlmq:done:<id>`: set when the job succeeded, so that a redelivered or resubmitted copy returns the stored
+  result instead of running again (kept as long as results are kept).
+- `vlmq:dead-letters:<queue>`: hash of job id -> {"job": the job JSON, "result": its failed JobResult}, for jobs
+  that exhausted their retries or kept killing workers. `vlmq dead-letters` lists it; `vlmq retry-failed`
+  re-enqueues them with the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from producer.jobs import JobResult
+from producer.settings import ClientSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A job that ended failed after exhausting its retries or crashing workers."""
+
+    job: dict[str, Any]
+    result: JobResult
+
+
+class Ledger:
+    """The Redis keys above, on the broker's Redis."""
+
+    def __init__(self, settings: ClientSettings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = client or redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+        self.dead_key = f"vlmq:dead-letters:{settings.queue}"
+
+    def starts(self, job_id: str) -> int:
+        """Starts of the job counted so far in its current run (0 when unknown or Redis cannot be reached)."""
+        try:
+            return int(self.redis.get(f"vlmq:deliveries:{job_id}") or 0)
+        except redis.RedisError:
+            return 0
+
+    def started(self, job_id: str, retries: int) -> tuple[int, bool]:
+        """Count one more start of the job; returns (starts in this run, whether it already succeeded).
+
+        If Redis cannot be reached the job runs as if nothing were known (a later copy may then run twice).
+        """
+        key = f"vlmq:deliveries:{job_id}"
+        try:
+            pipe = self.redis.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, self.settings.result_expires_s)
+            pipe.exists(f"vlmq:done:{job_id}")
+            starts, _, done = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("job %s: could not count its start in Redis (%s); running it", job_id, exc)
+            return retries + 1, False
+        return int(starts), bool(done)
+
+    def finished(self, result: JobResult) -> None:
+        """The job has its terminal result: forget its starts; remember a success."""
+        try:
+            pipe = self.redis.pipeline()
+            pipe.delete(f"vlmq:deliveries:{result.id}")
+            if result.ok:
+                pipe.set(f"vlmq:done:{result.id}", 1, ex=self.settings.result_expires_s)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("job %s: could not record its end in Redis (%s)", result.id, exc)
+
+    def dead_letter(self, job: dict[str, Any], result: JobResult) -> None:
+        """Record a failed job in the queue's dead letters (its result is stored in any case)."""
+        payload = json.dumps({"job": job, "result": result.model_dump(mode="json")})
+        try:
+            self.redis.hset(self.dead_key, result.id, payload)
+        except redis.RedisError as exc:
+            log.error("job %s: could not add it to %s (%s); its failed result is stored", result.id, self.dead_key, exc)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The queue's dead letters, oldest failure first."""
+        letters = []
+        for raw in self.redis.hvals(self.dead_key):
+            entry = json.loads(raw)
+            letters.append(DeadLetter(job=entry["job"], result=JobResult.model_validate(entry["result"])))
+        return sorted(letters, key=lambda d: d.result.finished_at)
+
+    def forget(self, job_id: str) -> None:
+        """Drop everything kept about a job, before it runs again from the start."""
+        self.redis.hdel(self.dead_key, job_id)
+        self.redis.delete(f"vlmq:deliveries:{job_id}", f"vlmq:done:{job_id}")

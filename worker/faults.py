@@ -1,0 +1,44 @@
+"""Fault injection for the reliability tests, off unless `VLMQ_FAULTS` is set (never set it in production).
+
+`VLMQ_FAULTS` is JSON, e.g. `{"crash_on": "poison", "oom_above_batch": 2, "oom_over_tokens": 900}`:
+
+- `crash_on`: a job with a media URI containing this string kills its worker process with SIGKILL when it
+  starts, as a decoder or driver fault would;
+- `oom_above_batch`: `generate` raises torch's out-of-memory error for batches larger than this;
+- `oom_over_tokens`: ... and for any batch holding an item of more than this many input tokens, even alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Faults(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crash_on: str | None = None
+    oom_above_batch: int | None = None
+    oom_over_tokens: int | None = None
+
+    def on_job(self, uris: Sequence[str]) -> None:
+        if self.crash_on and any(self.crash_on in uri for uri in uris):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_batch(self, token_counts: Sequence[int]) -> None:
+        import torch
+
+        if self.oom_above_batch is not None and len(token_counts) > self.oom_above_batch:
+            raise torch.OutOfMemoryError(f"injected: batch of {len(token_counts)} > {self.oom_above_batch}")
+        if self.oom_over_tokens is not None and max(token_counts) > self.oom_over_tokens:
+            raise torch.OutOfMemoryError(f"injected: an item of more than {self.oom_over_tokens} tokens")
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | None) -> Faults | None:
+        if not value:
+            return None
+        return cls.model_validate_json(value) if isinstance(value, str) else cls.model_validate(value)
