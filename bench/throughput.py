@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -22,15 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from producer import Client, ClientSettings, Job
+from producer.jobs import Generation
+from worker.local_services import start_worker
 
-from producer import Client, ClientSettings, Job  # noqa: E402
-from producer.jobs import Generation  # noqa: E402
-from worker.local_services import RedisServer, SeaweedS3, start_worker  # noqa: E402
+from common import ROOT, append_section, local_stack, machine
 
 SIZES = [(640, 480), (480, 640), (384, 384), (1000, 200), (300, 900), (800, 600)]
-MEDIA_BUCKET, RESULTS_BUCKET = "bench-media", "bench-results"
 MAX_NEW_TOKENS = 16
 
 
@@ -75,7 +70,7 @@ def pipeline(env: dict[str, str], model_dir: Path, uris: list[str], batch_size: 
     settings = ClientSettings(
         broker_url=env["VLMQ_BROKER_URL"],
         s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"],
-        results_bucket=RESULTS_BUCKET,
+        results_bucket=env["VLMQ_RESULTS_BUCKET"],
         queue=queue,
     )
     client = Client(settings)
@@ -114,40 +109,17 @@ def main() -> None:
         work = Path(tmp)
         model_dir = make_tiny_model(work / "model")
         images = make_images(args.jobs)
-        redis = RedisServer(work / "redis").start()
-        s3 = SeaweedS3(work / "s3").start()
-        try:
-            for bucket in (MEDIA_BUCKET, RESULTS_BUCKET):
-                s3.create_bucket(bucket)
-            client = s3.client()
-            uris = []
-            for i, body in enumerate(images):
-                client.put_object(Bucket=MEDIA_BUCKET, Key=f"img/{i:05d}.jpg", Body=body)
-                uris.append(f"s3://{MEDIA_BUCKET}/img/{i:05d}.jpg")
-            env = {
-                "VLMQ_BROKER_URL": redis.url,
-                "VLMQ_S3_ENDPOINT_URL": s3.endpoint_url,
-                "VLMQ_RESULTS_BUCKET": RESULTS_BUCKET,
-                "AWS_ACCESS_KEY_ID": "bench",
-                "AWS_SECRET_ACCESS_KEY": "bench-secret",
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "VLMQ_TORCH_THREADS": str(args.worker_torch_threads),
-            }
-            os.environ.update(env)
+        with local_stack(work, VLMQ_TORCH_THREADS=str(args.worker_torch_threads)) as stack:
+            uris = [stack.upload(f"img/{i:05d}.jpg", body) for i, body in enumerate(images)]
             rows = []
             for b in args.batch_sizes:
                 bare = bare_loop(model_dir, images, b)
                 print(f"bare batch {b}: {bare:.1f} img/s", flush=True)
-                piped = pipeline(env, model_dir, uris, b, work)
+                piped = pipeline(stack.env, model_dir, uris, b, work)
                 print(f"pipeline batch {b}: {piped:.1f} img/s ({piped / bare:.0%} of bare)", flush=True)
                 rows.append((b, bare, piped))
-        finally:
-            s3.stop()
-            redis.stop()
 
     base_bare, base_pipe = rows[0][1], rows[0][2]
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    machine += f", torch {torch.__version__}"
     lines = [
         "| max batch size | bare loop img/s | pipeline img/s | pipeline / bare | bare vs batch "
         f"{rows[0][0]} | pipeline vs batch {rows[0][0]} |",
@@ -161,7 +133,7 @@ def main() -> None:
     sizes = args.batch_sizes
     section = (
         f"\n## Queue throughput vs bare loop ({datetime.now(UTC):%Y-%m-%d})\n\n"
-        f"- machine: {machine}, no GPU (CPU fp32)\n"
+        f"- machine: {machine()}, no GPU (CPU fp32)\n"
         f"- command: `python bench/throughput.py --jobs {args.jobs} --batch-sizes {' '.join(map(str, sizes))} "
         f"--worker-torch-threads {args.worker_torch_threads}`\n"
         f"- torch threads: worker {args.worker_torch_threads} (VLMQ_TORCH_THREADS), bare loop torch's default "
@@ -169,10 +141,7 @@ def main() -> None:
         f"- model: `vlmq make-tiny-model` defaults (random weights, 32 px crops, ~20 ms per image alone); "
         f"{args.jobs} JPEG images in {len(SIZES)} sizes, {MAX_NEW_TOKENS} new tokens, greedy\n\n{table}\n"
     )
-    if not args.out.exists():
-        args.out.write_text("# Benchmarks\n\nNumbers from `bench/`; ratios are measured side by side in one run.\n")
-    with args.out.open("a") as f:
-        f.write(section)
+    append_section(args.out, section)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""What the benchmarks share: the machine description, a local Redis + SeaweedFS stack, appending to BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from worker.local_services import RedisServer, SeaweedS3  # noqa: E402
+
+MEDIA_BUCKET, RESULTS_BUCKET = "bench-media", "bench-results"
+
+
+def machine() -> str:
+    import torch
+
+    cores = f"{os.cpu_count()} CPU cores"
+    return f"{platform.machine()}, {cores}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+@dataclass
+class LocalStack:
+    """A redis-server and a SeaweedFS S3 server on free ports, with the media and results buckets."""
+
+    env: dict[str, str]
+    s3: Any  # boto3 S3 client
+
+    def upload(self, key: str, body: bytes) -> str:
+        self.s3.put_object(Bucket=MEDIA_BUCKET, Key=key, Body=body)
+        return f"s3://{MEDIA_BUCKET}/{key}"
+
+
+@contextlib.contextmanager
+def local_stack(work: Path, **env: str) -> Iterator[LocalStack]:
+    """Start the services, export their settings to this process (the bench's Client), stop them at the end."""
+    redis = RedisServer(work / "redis").start()
+    s3 = SeaweedS3(work / "s3").start()
+    try:
+        for bucket in (MEDIA_BUCKET, RESULTS_BUCKET):
+            s3.create_bucket(bucket)
+        settings = {
+            "VLMQ_BROKER_URL": redis.url,
+            "VLMQ_S3_ENDPOINT_URL": s3.endpoint_url,
+            "VLMQ_RESULTS_BUCKET": RESULTS_BUCKET,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            **env,
+        }
+        os.environ.update(settings)
+        yield LocalStack(env=settings, s3=s3.client())
+    finally:
+        s3.stop()
+        redis.stop()
+
+
+def append_section(out: Path, section: str) -> None:
+    if not out.exists():
+        out.write_text("# Benchmarks\n\nNumbers from `bench/`; ratios are measured side by side in one run.\n")
+    with out.open("a") as f:
+        f.write(section)
