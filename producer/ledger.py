@@ -93,5 +93,7 @@ class Ledger:
 
     def forget(self, job_id: str) -> None:
         """Drop everything kept about a job, before it runs again from the start."""
-        self.redis.hdel(self.dead_key, job_id)
-        self.redis.delete(f"vlmq:deliveries:{job_id}", f"vlmq:done:{job_id}")
+        pipe = self.redis.pipeline()
+        pipe.hdel(self.dead_key, job_id)
+        pipe.delete(f"vlmq:deliveries:{job_id}", f"vlmq:done:{job_id}")
+        pipe.execute()

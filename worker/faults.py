@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Sequence
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,7 +37,6 @@ class Faults(BaseModel):
             raise torch.OutOfMemoryError(f"injected: an item of more than {self.oom_over_tokens} tokens")
 
     @classmethod
-    def parse(cls, value: str | dict[str, Any] | None) -> Faults | None:
-        if not value:
-            return None
-        return cls.model_validate_json(value) if isinstance(value, str) else cls.model_validate(value)
+    def parse(cls, value: str | None) -> Faults | None:
+        """The faults of a `VLMQ_FAULTS` JSON string; None when unset."""
+        return cls.model_validate_json(value) if value else None
