@@ -1,4 +1,4 @@
-"""Fetch media from S3 or local files and decode it: images with Pillow, videos with decord.
+"""Fetch media from S3, https or local files and decode it: images with Pillow, videos with decord.
 
 Runs in the task threads, so a job's I/O and decoding overlap the model's work on the previous batch.
 Every failure becomes a coded `MediaError` for that job alone.
@@ -28,6 +28,7 @@ from worker.errors import (
     MediaUndecodable,
     MediaUnsupported,
 )
+from worker.http_media import HttpFetcher
 from worker.settings import WorkerSettings
 
 # Plain raster formats only; Pillow's other plugins (EPS needs Ghostscript, ...) are never tried.
@@ -65,12 +66,15 @@ class MediaFetcher:
     def __init__(self, settings: WorkerSettings, s3_client: Any) -> None:
         self.settings = settings
         self.s3 = s3_client
+        self.http = HttpFetcher(settings)
 
     def fetch(self, uri: str) -> bytes:
         if uri.startswith("s3://"):
             return self._fetch_s3(uri)
         if uri.startswith("file://"):
             return self._fetch_file(uri)
+        if uri.startswith(("https://", "http://")):
+            return self.http.fetch(uri)
         raise MediaForbidden(
             f"{uri.split(':', 1)[0]} media is not enabled on this worker; put the object in S3 and send s3://bucket/key"
         )

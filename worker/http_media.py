@@ -1,0 +1,221 @@
+"""Fetch http(s) media without letting a job reach into the worker's own network (SSRF).
+
+A job names the URL, so without a guard any producer could make a worker read its cloud metadata endpoint
+(169.254.169.254), a localhost admin port or an internal service, and get the bytes back as a caption. Here:
+
+- https:// needs VLMQ_ALLOW_HTTP_MEDIA, http:// also VLMQ_ALLOW_PLAIN_HTTP; credentials in URLs are refused;
+- the host is resolved once, refused if any of its addresses is not public (private, loopback, link-local,
+  multicast, reserved, unspecified; IPv4 inside IPv6 included) unless inside VLMQ_HTTP_ALLOWED_NETWORKS, and the
+  connection goes to that checked address, so a second DNS answer (DNS rebinding) cannot swap it; https still
+  verifies the certificate against the host name;
+- redirects are followed here, at most 5, each checked the same way;
+- the body is streamed and cut off past VLMQ_MAX_MEDIA_BYTES, whatever Content-Length says.
+
+Any port is allowed: the address check, not the port, is what keeps internal services out.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, SSLError
+from urllib3.util.ssl_match_hostname import CertificateError
+
+from worker.errors import MediaForbidden, MediaNotFound, MediaTooLarge, MediaUnavailable
+from worker.settings import WorkerSettings
+
+try:  # Mozilla's CA bundle, as requests uses; without certifi, the system's store
+    import certifi
+
+    CA_CERTS: str | None = certifi.where()
+except ImportError:  # pragma: no cover
+    CA_CERTS = None
+
+MAX_REDIRECTS = 5
+DEFAULT_PORTS = {"http": 80, "https": 443}
+CHUNK_BYTES = 1 << 16
+# DNS64 writes an IPv4-only host's address as 64:ff9b::a.b.c.d; the IPv4 address is the one that counts.
+_NAT64 = ip_network("64:ff9b::/96")
+
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+
+def _effective(ip: Address) -> Address:
+    """The IPv4 address an IPv6 address only translates (::ffff:a.b.c.d, 64:ff9b::a.b.c.d), else the address."""
+    if isinstance(ip, IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in _NAT64:
+            return IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return ip
+
+
+def is_public(address: str) -> bool:
+    """Whether an address is on the public internet: not private, loopback, link-local, multicast, reserved, ..."""
+    ip = _effective(ip_address(address))
+    if isinstance(ip, IPv6Address):
+        if ip.sixtofour is not None and not is_public(str(ip.sixtofour)):  # 2002:a.b.c.d:: routes to a.b.c.d
+            return False
+        if ip.is_site_local:
+            return False
+    blocked = ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+    return ip.is_global and not (blocked or ip.is_unspecified)
+
+
+def address_allowed(address: str, networks: Sequence[Network]) -> bool:
+    """Whether the worker may connect to `address`: public, or inside one of `networks`."""
+    raw = ip_address(address)
+    return any(ip in net for ip in (raw, _effective(raw)) for net in networks) or is_public(address)
+
+
+class HttpFetcher:
+    """Reads http(s) media under the worker's settings. Thread-safe: one instance serves all task threads."""
+
+    def __init__(self, settings: WorkerSettings, ca_certs: str | None = CA_CERTS) -> None:
+        self.settings = settings
+        try:
+            self.networks = [ip_network(net, strict=False) for net in settings.http_allowed_networks]
+        except ValueError as exc:
+            raise ValueError(f"VLMQ_HTTP_ALLOWED_NETWORKS: {exc}. Hint: CIDRs like 10.1.2.0/24 or fd00::/8") from None
+        # Pools are keyed by (scheme, address, port, and for https the host name): the address is already checked.
+        self.pools = urllib3.PoolManager(
+            num_pools=32,
+            maxsize=settings.in_flight,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=ca_certs,
+            timeout=urllib3.Timeout(connect=settings.http_timeout_s, read=settings.http_timeout_s),
+            retries=False,
+        )
+
+    def fetch(self, uri: str) -> bytes:
+        """The body of `uri`, following redirects; every refusal or failure is a coded `MediaError`."""
+        url = uri
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._get(uri, url)
+            location = response.get_redirect_location()
+            if not location:
+                return self._read(uri, url, response)
+            _discard(response)
+            url = urljoin(url, location)
+        raise MediaForbidden(f"{uri}: too many redirects (more than {MAX_REDIRECTS})")
+
+    def _get(self, uri: str, url: str) -> urllib3.BaseHTTPResponse:
+        where = uri if url == uri else f"{uri} redirects to {url}, and that"
+        parts = urlsplit(url)
+        self._check_scheme(uri, url, parts.scheme.lower())
+        if "@" in parts.netloc:
+            raise MediaForbidden(f"{where} has credentials in it (user:pass@host); use a public or presigned URL")
+        try:
+            host = (parts.hostname or "").encode("idna").decode("ascii")
+            port = parts.port or DEFAULT_PORTS[parts.scheme.lower()]
+        except (UnicodeError, ValueError) as exc:
+            raise MediaNotFound(f"{where} is not a valid URL ({exc})") from None
+        if not host:
+            raise MediaNotFound(f"{where} names no host")
+        addresses = self._resolve(where, host, port)
+        scheme = parts.scheme.lower()
+        # The Host header and the certificate carry the name; the connection goes to the checked address.
+        headers = {"Host": (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")}
+        tls = {"server_hostname": host, "assert_hostname": host} if scheme == "https" else None
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for i, address in enumerate(addresses):
+            pool = self.pools.connection_from_host(address, port, scheme, pool_kwargs=tls)
+            try:
+                return pool.urlopen(
+                    "GET", target, headers=headers, redirect=False, retries=False, preload_content=False
+                )
+            except ConnectTimeoutError as exc:  # refused or timed out; the host's next address may answer
+                if i == len(addresses) - 1:
+                    raise MediaUnavailable(f"{where} could not be reached: {exc}") from None
+            except SSLError as exc:
+                if isinstance(exc.args[0] if exc.args else None, ssl.SSLCertVerificationError | CertificateError):
+                    raise MediaForbidden(f"{where} has a TLS certificate this worker does not trust: {exc}") from None
+                raise MediaUnavailable(f"{where} failed during the TLS handshake: {exc}") from None
+            except HTTPError as exc:
+                raise MediaUnavailable(f"{where} failed: {exc}") from None
+        raise AssertionError("unreachable: _resolve returns at least one address")
+
+    def _check_scheme(self, uri: str, url: str, scheme: str) -> None:
+        where = uri if url == uri else f"{uri} redirects to {url}, which"
+        if scheme not in DEFAULT_PORTS:
+            raise MediaForbidden(f"{where} is not an http(s) URL")
+        if not self.settings.allow_http_media:
+            raise MediaForbidden(
+                f"{scheme} media is not enabled on this worker (VLMQ_ALLOW_HTTP_MEDIA=true turns it on); "
+                "or put the object in S3 and send s3://bucket/key"
+            )
+        if scheme == "http" and not self.settings.allow_plain_http:
+            raise MediaForbidden(f"{where} is plain http; use https://, or set VLMQ_ALLOW_PLAIN_HTTP=true")
+
+    def _resolve(self, where: str, host: str, port: int) -> list[str]:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+                raise MediaNotFound(f"{where} names a host that does not exist ({host})") from None
+            raise MediaUnavailable(f"{where} names a host that could not be resolved now ({host}: {exc})") from None
+        addresses = list(dict.fromkeys(str(_effective(ip_address(str(info[4][0])))) for info in infos))
+        for address in addresses:
+            if not address_allowed(address, self.networks):
+                raise MediaForbidden(
+                    f"{where} resolves to {address}, which is not a public address; add its network to "
+                    "VLMQ_HTTP_ALLOWED_NETWORKS if this worker may read from it"
+                )
+        if not addresses:
+            raise MediaNotFound(f"{where} names a host with no address ({host})")
+        return addresses
+
+    def _read(self, uri: str, url: str, response: urllib3.BaseHTTPResponse) -> bytes:
+        from worker.media import too_large  # media imports this module
+
+        where = uri if url == uri else f"{uri} (redirected to {url})"
+        try:
+            _check_status(where, response.status)
+            limit = self.settings.max_media_bytes
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise MediaTooLarge(too_large(uri, int(declared), limit))
+            chunks: list[bytes] = []
+            size = 0
+            while size <= limit:  # stops at limit + 1 bytes: a body that never ends is not read to its end
+                chunk = response.read(min(CHUNK_BYTES, limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > limit:
+                raise MediaTooLarge(f"{uri} is more than {limit:,} bytes, the limit (VLMQ_MAX_MEDIA_BYTES)")
+        except HTTPError as exc:
+            _discard(response)
+            raise MediaUnavailable(f"{where} failed while sending its body: {exc}") from None
+        except BaseException:
+            _discard(response)
+            raise
+        response.release_conn()  # read to the end: the connection can serve the next request
+        return b"".join(chunks)
+
+
+def _check_status(where: str, status: int) -> None:
+    if 200 <= status < 300:
+        return
+    if status in (404, 410):
+        raise MediaNotFound(f"{where} returned HTTP {status}: there is nothing at this URL; check it")
+    if status in (401, 403):
+        raise MediaForbidden(
+            f"{where} returned HTTP {status}: the worker sends no credentials, so use a public or presigned URL"
+        )
+    if status in (408, 429) or status >= 500:
+        raise MediaUnavailable(f"{where} returned HTTP {status}; the server is busy or failing, try again later")
+    raise MediaNotFound(f"{where} returned HTTP {status}, not the file; check that it is a direct download link")
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Close an unread response: draining it could mean reading gigabytes; the pool reconnects next time."""
+    response.close()
+    response.release_conn()
