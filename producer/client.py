@@ -98,11 +98,13 @@ class Client:
         job = Job.model_validate(job) if isinstance(job, dict) else Job.model_validate(job.model_dump())
         if job.submitted_at is None:
             job.submitted_at = datetime.now(UTC)
-        self._send(job.model_dump(mode="json", exclude_none=True), job.id, force=force)
+        self.send_json(job.id, job.model_dump(mode="json", exclude_none=True), force)
         return JobHandle(self, job.id)
 
-    def _send(self, payload: dict[str, Any], job_id: str, force: bool = False) -> None:
+    def send_json(self, job_id: str, payload: dict[str, Any], force: bool = False) -> None:
+        """Enqueue a job's JSON as it is, under `job_id` (for jobs validated before: dead letters, lost messages)."""
         kwargs = {"force": True} if force else {}
+        self.ledger.sent(job_id, payload, force)
         self.celery.send_task(TASK_NAME, args=[payload], kwargs=kwargs, task_id=job_id, queue=self.settings.queue)
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -124,7 +126,7 @@ class Client:
             AsyncResult(job_id, app=self.celery).forget()
             if self.settings.results_bucket:
                 self.s3.delete_object(Bucket=self.settings.results_bucket, Key=self.settings.result_key(job_id))
-            self._send({**letter.job, "submitted_at": datetime.now(UTC).isoformat()}, job_id)
+            self.send_json(job_id, {**letter.job, "submitted_at": datetime.now(UTC).isoformat()})
             sent.append(job_id)
         return sent
 

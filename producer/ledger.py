@@ -7,6 +7,10 @@
 - `vlmq:dead-letters:<queue>`: hash of job id -> {"job": the job JSON, "result": its failed JobResult}, for jobs
   that exhausted their retries or kept killing workers. `vlmq dead-letters` lists it; `vlmq retry-failed`
   re-enqueues them with the same ids.
+- `vlmq:pending:<queue>` (sorted set, job id -> sequence number) and `vlmq:payloads:<queue>` (hash, job id ->
+  {"job": ..., "force": ...}): every job sent and not yet finished. The sequence number is taken from
+  `vlmq:seq:<queue>` just before the message is pushed, so it follows the queue's order; a retry takes a new one.
+  `worker/recovery.py` uses them to send again a job whose message Redis no longer holds (see there).
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ from producer.jobs import JobResult
 from producer.settings import ClientSettings
 
 log = logging.getLogger(__name__)
+
+# KEYS: seq counter, pending zset, payloads hash. ARGV: job id, payload (when sent), 1 = sent / 0 = requeued.
+# A requeued job that is no longer pending (it finished meanwhile) is left alone.
+_SEQUENCE = """
+if ARGV[3] == '0' and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) end
+return seq
+"""
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,24 @@ class Ledger:
         self.settings = settings
         self.redis = client or redis.Redis.from_url(settings.broker_url, socket_timeout=10)
         self.dead_key = f"vlmq:dead-letters:{settings.queue}"
+        self.pending_key = f"vlmq:pending:{settings.queue}"
+        self.payloads_key = f"vlmq:payloads:{settings.queue}"
+        self._sequence = self.redis.register_script(_SEQUENCE)
+
+    def sent(self, job_id: str, job: dict[str, Any], force: bool = False) -> None:
+        """Record a job about to be pushed to the queue (raises if Redis is down: the push would fail too)."""
+        self._sequence(keys=self._sequence_keys, args=[job_id, json.dumps({"job": job, "force": force}), 1])
+
+    def requeued(self, job_id: str) -> None:
+        """The job's message is pushed again (a retry): it takes its new place in the queue's order."""
+        try:
+            self._sequence(keys=self._sequence_keys, args=[job_id, "", 0])
+        except redis.RedisError as exc:
+            log.warning("job %s: could not record its retry in Redis (%s)", job_id, exc)
+
+    @property
+    def _sequence_keys(self) -> list[str]:
+        return [f"vlmq:seq:{self.settings.queue}", self.pending_key, self.payloads_key]
 
     def starts(self, job_id: str) -> int:
         """Starts of the job counted so far in its current run (0 when unknown or Redis cannot be reached)."""
@@ -69,6 +101,8 @@ class Ledger:
         try:
             pipe = self.redis.pipeline()
             pipe.delete(f"vlmq:deliveries:{result.id}")
+            pipe.zrem(self.pending_key, result.id)
+            pipe.hdel(self.payloads_key, result.id)
             if result.ok:
                 pipe.set(f"vlmq:done:{result.id}", 1, ex=self.settings.result_expires_s)
             pipe.execute()
@@ -95,5 +129,7 @@ class Ledger:
         """Drop everything kept about a job, before it runs again from the start."""
         pipe = self.redis.pipeline()
         pipe.hdel(self.dead_key, job_id)
+        pipe.zrem(self.pending_key, job_id)
+        pipe.hdel(self.payloads_key, job_id)
         pipe.delete(f"vlmq:deliveries:{job_id}", f"vlmq:done:{job_id}")
         pipe.execute()

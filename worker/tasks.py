@@ -107,5 +107,6 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
             full_jitter=True,
         )
         engine.metrics.retries.labels(exc.code).inc()
+        ledger.requeued(str(task.request.id))
         log.warning("job %s: %s; retry %d in %d s", task.request.id, exc.message, task.request.retries + 1, delay)
         raise task.retry(exc=exc, countdown=delay)

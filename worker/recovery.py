@@ -1,0 +1,154 @@
+"""Send again the jobs whose message Redis lost: the reconciliation that kombu's Redis transport lacks.
+
+kombu pops a message off the queue (BRPOP) and only then records it as unacknowledged. A worker killed between
+the two, or one whose reply from Redis was still unread in its socket, takes the message with it: the job never
+runs and never fails (kombu#305, kombu#1733). The ledger (`producer/ledger.py`) keeps every sent, unfinished job
+with a sequence number taken just before its message was pushed, so "pushed before the message now at the head
+of the queue" means "already popped". Such a job whose message is neither unacknowledged (held by a live worker)
+nor back in a queue list, on two sweeps at least `recover_interval_s` apart, was lost: it is sent again under its
+own id. Sending twice is harmless where it could happen (the stored S3 result is returned), losing is not.
+
+One worker at a time sweeps (a Redis lock per queue). A sweep costs one read of the queue heads, of the pending
+jobs popped so far and of the unacknowledged messages; only a confirmed-missing job makes it read whole queue
+lists, to tell a message pushed back to the tail (`reject(requeue=True)`, warm shutdown) from a lost one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import redis
+
+from producer.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+# kombu's Redis transport: one list per priority step, `<queue>\x06\x16<step>` (0 is the plain queue name).
+_PRIORITY_STEPS = (0, 3, 6, 9)
+_UNACKED_KEY = "unacked"
+_SCAN_CHUNK = 1000
+_MOST_CANDIDATES = 10_000
+
+Send = Callable[[str, dict[str, Any], bool], None]
+
+
+def queue_lists(queue: str) -> list[str]:
+    return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in _PRIORITY_STEPS]
+
+
+def message_id(raw: bytes | str) -> str | None:
+    """The task id of a kombu message as stored in a queue list (or of `[message, exchange, key]` in unacked)."""
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):
+            message = message[0]
+        return str(message["headers"]["id"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+class Recovery:
+    """Finds lost jobs of one queue and sends them again."""
+
+    def __init__(self, ledger: Ledger, send: Send, interval_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.redis: redis.Redis = ledger.redis
+        self.send = send
+        self.interval_s = interval_s
+        self.clock = clock
+        queue = ledger.settings.queue
+        self.lists = queue_lists(queue)
+        self.missing_key = f"vlmq:missing:{queue}"
+        self.lock_key = f"vlmq:recover-lock:{queue}"
+        self._stop = threading.Event()
+
+    def sweep(self) -> list[str]:
+        """One pass; returns the ids of the jobs sent again."""
+        candidates = self._popped()
+        if not candidates:
+            self.redis.delete(self.missing_key)
+            return []
+        held = set(filter(None, map(message_id, self.redis.hvals(_UNACKED_KEY))))
+        missing = [job_id for job_id in candidates if job_id not in held]
+        confirmed = self._confirm(missing)
+        if not confirmed:
+            return []
+        queued = set(self._queued_ids())
+        resent = []
+        for job_id in confirmed:
+            if job_id in queued:  # pushed back to the tail: it takes the place it now has in the order
+                self.ledger.requeued(job_id)
+                continue
+            raw = self.redis.hget(self.ledger.payloads_key, job_id)
+            if raw is None:  # finished meanwhile
+                continue
+            entry = json.loads(raw)
+            log.warning("job %s: its message was lost (a worker died receiving it); sending it again", job_id)
+            self.send(job_id, entry["job"], bool(entry.get("force")))
+            resent.append(job_id)
+        self.redis.hdel(self.missing_key, *confirmed)
+        return resent
+
+    def _popped(self) -> list[str]:
+        """Pending jobs pushed before the message at the head of every queue list: they were popped since."""
+        pipe = self.redis.pipeline()
+        for name in self.lists:
+            pipe.lindex(name, -1)
+        heads = [message_id(raw) for raw in pipe.execute() if raw is not None]
+        bound = float("inf")
+        if heads:
+            pipe = self.redis.pipeline()
+            for job_id in heads:
+                pipe.zscore(self.ledger.pending_key, job_id or "")
+            scores = pipe.execute()
+            if any(score is None for score in scores):  # not a job vlmq sent (or already finished): wait
+                return []
+            bound = min(scores)
+        popped = self.redis.zrangebyscore(self.ledger.pending_key, "-inf", f"({bound}", 0, _MOST_CANDIDATES)
+        return [p.decode() if isinstance(p, bytes) else str(p) for p in popped]
+
+    def _confirm(self, missing: list[str]) -> list[str]:
+        """Of the jobs missing now, those also missing at an earlier sweep at least one interval ago."""
+        now = self.clock()
+        seen: dict[str, float] = {}
+        for key, value in self.redis.hgetall(self.missing_key).items():
+            seen[key.decode() if isinstance(key, bytes) else key] = float(value)
+        gone = [job_id for job_id in seen if job_id not in missing]
+        pipe = self.redis.pipeline()
+        if gone:
+            pipe.hdel(self.missing_key, *gone)
+        for job_id in missing:
+            if job_id not in seen:
+                pipe.hset(self.missing_key, job_id, now)
+        pipe.execute()
+        return [job_id for job_id in missing if job_id in seen and now - seen[job_id] >= self.interval_s]
+
+    def _queued_ids(self) -> Iterator[str]:
+        for name in self.lists:
+            for start in range(0, self.redis.llen(name), _SCAN_CHUNK):
+                yield from filter(None, map(message_id, self.redis.lrange(name, start, start + _SCAN_CHUNK - 1)))
+
+    # -- background thread ---------------------------------------------------------------------------------------
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, name="vlmq-recovery", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                # One sweep per interval across all workers of the queue; the lock expires rather than being freed.
+                if self.redis.set(self.lock_key, 1, nx=True, px=int(self.interval_s * 1000 * 0.9)):
+                    self.sweep()
+            except redis.RedisError as exc:
+                log.warning("could not look for lost jobs (%s); trying again in %.0f s", exc, self.interval_s)
+            except Exception:
+                log.exception("looking for lost jobs failed; trying again in %.0f s", self.interval_s)
