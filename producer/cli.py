@@ -32,6 +32,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         common["question"] = args.question
     if args.prompt:
         common["prompt"] = args.prompt
+    if args.ttl:
+        common["ttl_s"] = args.ttl
     try:
         if args.together:
             jobs = [Job(media=list(args.uris), **common)]
@@ -162,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="the question (task qa)")
     p.add_argument("--prompt", help="caption prompt instead of the default")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--ttl", type=float, metavar="SECONDS", help="fail a job `expired` if not started this soon")
     p.add_argument("--together", action="store_true", help="one job with all URIs in one prompt (multi-image)")
     p.add_argument("--wait", action="store_true", help="wait and print each result as a JSON line")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")

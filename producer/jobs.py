@@ -144,6 +144,9 @@ class Job(BaseModel):
     video: VideoSampling = Field(default_factory=lambda: VideoSampling())
     metadata: dict[str, str] = Field(default_factory=dict)
     submitted_at: datetime | None = None
+    ttl_s: float | None = Field(
+        None, gt=0, description="seconds after submitted_at past which a worker fails the job `expired` unrun"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
+from celery.worker.consumer import Consumer
+from kombu.message import Message
 
 from producer.celery_config import celery_config
 from producer.ledger import Ledger
@@ -29,12 +33,28 @@ def create_app(settings: WorkerSettings) -> Celery:
     return app
 
 
+def consumer_class(refused: Callable[[Message, Exception], None]) -> type[Consumer]:
+    """Celery's consumer, but a task message it cannot decode is also handed to `refused` (after Celery's own
+    handling: logged, and removed from the queue)."""
+
+    class VlmqConsumer(Consumer):
+        def on_decode_error(self, message: Message, exc: Exception) -> None:  # body is not valid JSON
+            super().on_decode_error(message, exc)
+            refused(message, exc)
+
+        def on_invalid_task(self, body: Any, message: Message, exc: Exception) -> None:  # e.g. a pickle message
+            super().on_invalid_task(body, message, exc)
+            refused(message, exc)
+
+    return VlmqConsumer
+
+
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
     from producer.client import Client
     from worker.engine import Engine
     from worker.recovery import Recovery
-    from worker.tasks import register_tasks
+    from worker.tasks import refused_message_handler, register_tasks
 
     if not settings.results_bucket:
         log.warning(
@@ -44,6 +64,7 @@ def run_worker(settings: WorkerSettings) -> None:
     app = create_app(settings)
     ledger = Ledger(settings)
     register_tasks(app, engine, ledger)
+    app.conf.worker_consumer = consumer_class(refused_message_handler(app, engine, ledger))
     recovery = Recovery(ledger, Client(settings).send_json, settings.recover_interval_s)
     if settings.metrics_port:
         engine.metrics.serve(settings.metrics_port)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -20,12 +21,13 @@ from producer.jobs import Job, JobResult, Timings
 from producer.storage import make_s3_client
 from worker import media
 from worker.batcher import Batcher
-from worker.errors import InvalidJob, VlmqError
+from worker.errors import DecodeHung, DeviceFailed, Expired, InvalidJob, VlmqError
 from worker.faults import Faults
 from worker.metrics import Metrics
 from worker.model import Generated, Prepared, VisionLanguageModel
 from worker.results import ResultStore
 from worker.settings import WorkerSettings
+from worker.watchdog import Watchdog, exit_for_restart
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,11 @@ def parse_job(payload: Any, task_id: str | None = None) -> Job:
         raise InvalidJob(f"a job must be a JSON object, got {type(payload).__name__}")
     if task_id and "id" not in payload:
         payload = {**payload, "id": task_id}
+    elif task_id and payload["id"] != task_id:
+        raise InvalidJob(
+            f"the job's id {payload['id']!r} differs from its message's task id {task_id!r}; send the job with "
+            "producer.Client, or with task_id equal to its id"
+        )
     try:
         return Job.model_validate(payload)
     except ValidationError as exc:
@@ -71,6 +78,7 @@ class Engine:
         self.fetcher = media.MediaFetcher(settings, s3)
         self.results = ResultStore(s3, settings)
         self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.watchdog = Watchdog(settings.batch_timeout_s, exit_for_restart)
         self.batcher: Batcher[Prepared, Generated] = Batcher(
             self._run_batch, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
         )
@@ -85,16 +93,32 @@ class Engine:
         metrics.watch_gpu_memory(model.memory_allocated)
         engine = cls(settings, model, metrics=metrics)
         engine.batcher.start()
+        engine.watchdog.start()
         return engine
 
     def _run_batch(self, items: list[Prepared]) -> list[Generated | BaseException]:
         started = time.perf_counter()
-        outcomes = self.model.generate_safely(items)
+        self.watchdog.begin()
+        try:
+            outcomes = self.model.generate_safely(items)
+        except DeviceFailed as exc:
+            exit_for_restart(f"the device failed ({exc}); nothing more can run on it in this process")
+            raise
+        finally:
+            self.watchdog.end()
         self.metrics.batch(len(items), time.perf_counter() - started)
         return outcomes
 
     def close(self) -> None:
+        self.watchdog.stop()
         self.batcher.close()
+
+    def restart_when_idle(self, reason: str) -> None:
+        """Ask for a warm shutdown (SIGTERM to this process): running jobs finish, unstarted ones stay queued, and
+        the supervisor starts a fresh process."""
+        log.critical("%s: this worker stops taking jobs and exits after its running ones, to be restarted", reason)
+        self.metrics.ready.set(0)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def execute(self, job: Job) -> Outcome:
         """Fetch, decode, prepare and generate for one job; raises a `VlmqError` on failure."""
@@ -102,14 +126,25 @@ class Engine:
         if job.submitted_at is not None:
             queued_ms = max(0.0, (datetime.now(UTC) - job.submitted_at).total_seconds() * 1000)
             self.metrics.queue_wait.observe(queued_ms / 1000)
+            ttl = job.ttl_s or self.settings.job_ttl_s
+            if ttl is not None and queued_ms / 1000 > ttl:
+                raise Expired(
+                    f"the job was taken {queued_ms / 1000:,.1f} s after it was submitted, past its time to live of "
+                    f"{ttl:g} s (ttl_s or VLMQ_JOB_TTL_S); it was not run. Submit it again if it is still wanted"
+                )
         started = time.perf_counter()
         items = job.all_media()
         if self.faults is not None:
             self.faults.on_job([item.uri for item in items])
         media.check_media_count(len(items), self.settings)
         images, videos = [], []
+        before_decode = self.faults.on_decode if self.faults is not None else None
         for item in items:
-            decoded = media.load(self.fetcher, item, job.video)
+            try:
+                decoded = media.load(self.fetcher, item, job.video, before_decode)
+            except DecodeHung:
+                self.restart_when_idle("a video decoder hung")
+                raise
             if isinstance(decoded, media.Video):
                 videos.append(decoded.frames)
             else:

@@ -7,12 +7,16 @@ VlmqError
 │   ├── MediaForbidden     media_forbidden      the source is not allowed (scheme, bucket, local files)
 │   ├── MediaUnsupported   media_unsupported    a format or kind this worker does not decode
 │   ├── MediaUndecodable   media_undecodable    the bytes are not a valid image / video
+│   │   └── DecodeHung     media_undecodable    decoding passed VLMQ_MAX_DECODE_S (the worker restarts)
 │   ├── MediaTooLarge      media_too_large      bytes or pixels over the configured limits
 │   └── MediaUnavailable   media_unavailable    storage failed or throttled (retryable)
 ├── InferenceError         inference_failed     the model failed on this item
 │   └── OutOfMemory        out_of_memory        the item does not fit on the device even alone
 ├── ResultWriteFailed      result_write_failed  the result could not be written to S3 (retryable)
-└── WorkerLost             worker_lost          workers died running the job, VLMQ_MAX_CRASHES times
+├── WorkerLost             worker_lost          workers died running the job, VLMQ_MAX_CRASHES times
+└── Expired                expired              the job waited in the queue longer than its ttl_s
+
+DeviceFailed is not a job's error: the device broke (a sticky CUDA error) and the worker process must end.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ class MediaUndecodable(MediaError):
     code = "media_undecodable"
 
 
+class DecodeHung(MediaUndecodable):
+    """Decoding did not finish within VLMQ_MAX_DECODE_S; the stuck decoder thread cannot be freed."""
+
+
 class MediaTooLarge(MediaError):
     """The media is over a configured size limit."""
 
@@ -106,3 +114,13 @@ class WorkerLost(VlmqError):
     """Workers died while running the job, too many times: it is dead-lettered instead of run again."""
 
     code = "worker_lost"
+
+
+class Expired(VlmqError):
+    """The job was older than its time to live when a worker took it."""
+
+    code = "expired"
+
+
+class DeviceFailed(Exception):
+    """The device is in an unrecoverable state (e.g. a CUDA error other than out-of-memory): nothing more can run."""

@@ -5,13 +5,17 @@
 - `crash_on`: a job with a media URI containing this string kills its worker process with SIGKILL when it
   starts, as a decoder or driver fault would;
 - `oom_above_batch`: `generate` raises torch's out-of-memory error for batches larger than this;
-- `oom_over_tokens`: ... and for any batch holding an item of more than this many input tokens, even alone.
+- `oom_over_tokens`: ... and for any batch holding an item of more than this many input tokens, even alone;
+- `device_error_over_tokens`: `generate` raises a sticky CUDA error (torch.AcceleratorError) for such a batch;
+- `hang_over_tokens`: `generate` never returns for such a batch, as a hung kernel would;
+- `decode_hang_on`: decoding a video whose URI contains this string never returns.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
@@ -23,6 +27,9 @@ class Faults(BaseModel):
     crash_on: str | None = None
     oom_above_batch: int | None = None
     oom_over_tokens: int | None = None
+    device_error_over_tokens: int | None = None
+    hang_over_tokens: int | None = None
+    decode_hang_on: str | None = None
 
     def on_job(self, uris: Sequence[str]) -> None:
         if self.crash_on and any(self.crash_on in uri for uri in uris):
@@ -35,6 +42,14 @@ class Faults(BaseModel):
             raise torch.OutOfMemoryError(f"injected: batch of {len(token_counts)} > {self.oom_above_batch}")
         if self.oom_over_tokens is not None and max(token_counts) > self.oom_over_tokens:
             raise torch.OutOfMemoryError(f"injected: an item of more than {self.oom_over_tokens} tokens")
+        if self.device_error_over_tokens is not None and max(token_counts) > self.device_error_over_tokens:
+            raise torch.AcceleratorError("injected: CUDA error: an illegal memory access was encountered")
+        if self.hang_over_tokens is not None and max(token_counts) > self.hang_over_tokens:
+            threading.Event().wait()
+
+    def on_decode(self, uri: str) -> None:
+        if self.decode_hang_on and self.decode_hang_on in uri:
+            threading.Event().wait()
 
     @classmethod
     def parse(cls, value: str | None) -> Faults | None:

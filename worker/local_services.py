@@ -174,7 +174,13 @@ class SeaweedS3:
             self.internal_ports = [free_port(with_grpc=True) for _ in range(3)]
         s3_port, (master, volume, filer) = self.port, self.internal_ports
         argv = [binary, "server", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
-        argv += [f"-master.port={master}", "-master.electionTimeout=1s", "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", "-volume.max=0"]
+        argv += [
+            f"-master.port={master}",
+            "-master.electionTimeout=1s",
+            "-master.volumeSizeLimitMB=64",
+            f"-volume.port={volume}",
+            "-volume.max=0",
+        ]
         argv += ["-filer", f"-filer.port={filer}", "-s3", f"-s3.port={s3_port}"]
         # Its Iceberg and Lance catalogs listen on fixed ports by default: off, so several servers can run at once.
         argv += ["-s3.port.iceberg=0", "-s3.port.lance=0"]

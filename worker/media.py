@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from producer.jobs import Media, VideoSampling
 from worker.errors import (
+    DecodeHung,
     MediaError,
     MediaForbidden,
     MediaNotFound,
@@ -30,6 +32,7 @@ from worker.errors import (
 )
 from worker.http_media import HttpFetcher
 from worker.settings import WorkerSettings
+from worker.watchdog import DeadlinePassed, call_with_deadline
 
 # Plain raster formats only; Pillow's other plugins (EPS needs Ghostscript, ...) are never tried.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -265,9 +268,31 @@ def check_media_count(count: int, settings: WorkerSettings) -> None:
         )
 
 
-def load(fetcher: MediaFetcher, media: Media, sampling: VideoSampling) -> Decoded:
-    """Fetch and decode one media item."""
+def load(
+    fetcher: MediaFetcher,
+    media: Media,
+    sampling: VideoSampling,
+    before_decode: Callable[[str], None] | None = None,
+) -> Decoded:
+    """Fetch and decode one media item; a video's decoding is bounded by VLMQ_MAX_DECODE_S.
+
+    Raises:
+        DecodeHung: the decoder did not return in time; it keeps its thread, so the worker should restart.
+    """
     data = fetcher.fetch(media.uri)
     if media.kind == "image":
         return decode_image(data, media.uri, fetcher.settings.max_image_pixels)
-    return decode_video(data, media.uri, sampling, fetcher.settings)
+    settings = fetcher.settings
+
+    def decode() -> Video:
+        if before_decode is not None:
+            before_decode(media.uri)
+        return decode_video(data, media.uri, sampling, settings)
+
+    try:
+        return call_with_deadline(decode, settings.max_decode_s, "vlmq-decode")
+    except DeadlinePassed:
+        raise DecodeHung(
+            f"decoding {media.uri} did not finish within VLMQ_MAX_DECODE_S={settings.max_decode_s:g} s; the file may "
+            "be malformed (check that it plays, or re-encode it as H.264 in MP4)"
+        ) from None

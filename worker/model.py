@@ -24,13 +24,24 @@ import torch
 from PIL import Image
 
 from producer.jobs import Generation
-from worker.errors import InferenceError, OutOfMemory, VlmqError
+from worker.errors import DeviceFailed, InferenceError, OutOfMemory, VlmqError
 from worker.faults import Faults
 
 log = logging.getLogger(__name__)
 
 # Processor outputs that are stacked along the batch (first) dimension as they are.
 _CONCAT_KEYS = ("image_sizes", "batch_num_images", "image_sizes_videos")
+
+
+def device_failed(exc: BaseException) -> bool:
+    """Whether an error leaves the device unusable (CUDA errors are sticky: every later call fails too)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, torch.AcceleratorError):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        marker in str(exc) for marker in ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error")
+    )
 
 
 def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
@@ -209,6 +220,9 @@ class VisionLanguageModel:
 
         On CUDA out-of-memory (or any other error) the batch is split in halves and each half retried, the
         pattern of accelerate's find_executable_batch_size; an item that fails alone gets its own error.
+
+        Raises:
+            DeviceFailed: a CUDA error other than out-of-memory; the CUDA context is unusable from then on.
         """
         try:
             return list(self.generate(items))
@@ -216,7 +230,10 @@ class VisionLanguageModel:
             self._free_memory()
             if len(items) == 1:
                 return [OutOfMemory("this job does not fit in device memory even alone; use smaller media")]
+            log.warning("out of memory on a batch of %d; running it again in halves", len(items))
         except Exception as exc:
+            if device_failed(exc):
+                raise DeviceFailed(f"{type(exc).__name__}: {exc}") from exc
             if len(items) == 1:
                 log.exception("generation failed")
                 return [InferenceError(f"generation failed: {type(exc).__name__}: {exc}")]

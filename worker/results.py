@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from producer.jobs import JobResult
+from producer.jobs import JOB_ID_PATTERN, JobResult
 from producer.settings import ClientSettings
 from worker.errors import ResultWriteFailed
 
@@ -20,8 +21,12 @@ class ResultStore:
         self.bucket = settings.results_bucket
 
     def write(self, result: JobResult) -> str | None:
-        """Store `result`; returns its s3:// URI, or None when no results bucket is configured."""
-        if not self.bucket:
+        """Store `result`; returns its s3:// URI, or None when no results bucket is configured.
+
+        A result whose id breaks the contract (a message sent around the client) stays in Redis only: its id
+        must not choose an S3 key.
+        """
+        if not self.bucket or not re.fullmatch(JOB_ID_PATTERN, result.id):
             return None
         key = self.settings.result_key(result.id)
         try:

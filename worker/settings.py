@@ -53,6 +53,7 @@ class WorkerSettings(ClientSettings):
         description="video containers opened, recognised by their first bytes: mp4 (also MOV, M4V, 3GP), "
         "matroska (also WebM), avi",
     )
+    job_ttl_s: float | None = Field(None, gt=0, description="time to live of jobs that set no ttl_s; unset = none")
     max_retries: int = Field(5, ge=0, le=100, description="retries of a job after a transient error")
     max_crashes: int = Field(
         3, ge=1, le=100, description="a job running when its worker died this many times is dead-lettered"

@@ -8,10 +8,12 @@ result, and a job that was running when workers died `max_crashes` times is dead
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
 from celery.utils.time import get_exponential_backoff_interval
+from kombu.message import Message
 
 from producer.jobs import TASK_NAME, JobResult
 from producer.ledger import Ledger
@@ -21,6 +23,35 @@ from worker.errors import InvalidJob, ResultWriteFailed, VlmqError, WorkerLost
 from worker.isolation import Isolation
 
 log = logging.getLogger(__name__)
+
+
+def refused_message_handler(app: Celery, engine: Engine, ledger: Ledger) -> Callable[[Message, Exception], None]:
+    """What to do with a `vlmq.run` message Celery refuses to decode (not JSON, or not valid JSON).
+
+    Celery only logs and drops such a message; its producer would wait forever. It gets a failed `invalid_job`
+    result under its task id instead. The body is never decoded (a pickle is never loaded).
+    """
+
+    def refused(message: Message, exc: Exception) -> None:
+        headers = message.headers or {}
+        task_id = headers.get("id")
+        if headers.get("task") != TASK_NAME or not isinstance(task_id, str):
+            return
+        error = InvalidJob(
+            f"the message is not a JSON job ({message.content_type}: {type(exc).__name__}); vlmq workers accept "
+            "only JSON. Send jobs with producer.Client or `vlmq submit`"
+        )
+        log.warning("job %s refused: %s", task_id, error.message)
+        result = engine.failed(task_id, error, attempts=1)
+        try:
+            engine.results.write(result)
+        except ResultWriteFailed as write_error:
+            log.error("job %s: %s; its result is in Redis only", task_id, write_error.message)
+        app.backend.store_result(task_id, result.model_dump(mode="json"), "SUCCESS")
+        ledger.finished(result)
+        engine.metrics.finished(result)
+
+    return refused
 
 
 def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
