@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from producer.jobs import JobResult
+from producer.jobs import JOB_ID_PATTERN, JobResult
 from producer.settings import ClientSettings
 
 
@@ -29,8 +30,8 @@ def make_s3_client(settings: ClientSettings, max_connections: int = 10) -> Any:
 
 def read_result(s3: Any, settings: ClientSettings, job_id: str) -> JobResult | None:
     """The job's result object from S3, or None if it has not been written (or no bucket is configured)."""
-    if not settings.results_bucket:
-        return None
+    if not settings.results_bucket or not re.fullmatch(JOB_ID_PATTERN, job_id):
+        return None  # an id outside the contract never names an S3 key (workers keep such results in Redis only)
     try:
         body = s3.get_object(Bucket=settings.results_bucket, Key=settings.result_key(job_id))["Body"].read()
     except ClientError as exc:
