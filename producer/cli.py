@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,7 +122,50 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"vlmq worker: invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_NO_RESULT
+    if args.gpus:
+        from worker.supervisor import Supervisor, parse_gpus
+
+        try:
+            gpus = parse_gpus(args.gpus)
+        except ValueError as exc:
+            print(f"vlmq worker: {exc}", file=sys.stderr)
+            return EXIT_NO_RESULT
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items() if v is not None and k != "metrics_port"]
+        return Supervisor(gpus, flags, metrics_port=settings.metrics_port).run()
     run_worker(settings)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    path = "/readyz" if args.ready else "/livez"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{args.port}{path}", timeout=args.timeout) as response:
+            print(response.read().decode().strip())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"{path}: {exc.read().decode().strip()}", file=sys.stderr)
+    except OSError as exc:
+        print(f"{path}: no worker answers on port {args.port} ({exc})", file=sys.stderr)
+    return 1
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    import redis
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from producer.broker import QueueCollector
+    from producer.settings import ClientSettings
+
+    settings = ClientSettings()
+    queues = args.queues.split(",") if args.queues else [settings.queue]
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(redis.Redis.from_url(settings.broker_url, socket_timeout=10), queues))
+    start_http_server(args.port, registry=registry)
+    logging.getLogger(__name__).info("queue metrics of %s on :%d/metrics", ", ".join(queues), args.port)
+    threading.Event().wait()
     return 0
 
 
@@ -155,8 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, help="longest wait for batch-mates (VLMQ_MAX_WAIT_MS; default 50)")
     p.add_argument("--concurrency", type=int, help="jobs in flight: fetching, decoding, batched (default 2 x batch)")
     p.add_argument("--queue", help="queue to consume (VLMQ_QUEUE; default vlmq)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (VLMQ_METRICS_PORT)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz on this port (VLMQ_METRICS_PORT)")
+    p.add_argument(
+        "--gpus",
+        metavar="LIST",
+        help="one worker process per GPU under a supervisor that restarts them: 0,1,2,3 or all "
+        "(metrics ports: --metrics-port + GPU position)",
+    )
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("health", help="exit 0 if the worker on this machine is alive (or --ready), else 1")
+    p.add_argument("--port", type=int, default=9808, help="the worker's VLMQ_METRICS_PORT (default 9808)")
+    p.add_argument("--ready", action="store_true", help="check readiness (model loaded, consuming) instead")
+    p.add_argument("--timeout", type=float, default=15.0)
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("exporter", help="serve queue backlog metrics for Prometheus / autoscaling")
+    p.add_argument("--port", type=int, default=9809)
+    p.add_argument("--queues", help="comma-separated queue names (default VLMQ_QUEUE)")
+    p.set_defaults(func=cmd_exporter)
 
     p = sub.add_parser("submit", help="enqueue jobs, one per URI; print their ids (or results with --wait)")
     p.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key, file:///path, ...")

@@ -92,11 +92,14 @@ class Stack:
             )
         )
 
-    def start_worker(self, *args: str, env: dict[str, str] | None = None) -> Service:
-        """Start `vlmq worker` on the tiny model (CPU), with extra `VLMQ_` settings, and wait until it is ready."""
+    def start_worker(self, *args: str, env: dict[str, str] | None = None, ready_count: int = 1) -> Service:
+        """Start `vlmq worker` on the tiny model (CPU), with extra `VLMQ_` settings, and wait until it is ready
+        (`ready_count=0`: do not wait)."""
         name = f"worker-{len(self.workers)}"
         env = {**self.env, **(env or {})}
-        worker = start_worker(self.model, self.workdir, "--device", "cpu", *args, env=env, name=name)
+        worker = start_worker(
+            self.model, self.workdir, "--device", "cpu", *args, env=env, name=name, ready_count=ready_count
+        )
         self.workers.append(worker)
         return worker
 

@@ -53,6 +53,8 @@ def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
     from producer.client import Client
     from worker.engine import Engine
+    from worker.health import Health
+    from worker.metrics import Metrics
     from worker.recovery import Recovery
     from worker.tasks import refused_message_handler, register_tasks
 
@@ -60,15 +62,19 @@ def run_worker(settings: WorkerSettings) -> None:
         log.warning(
             "VLMQ_RESULTS_BUCKET is not set: results go to Redis only, and expire after %d s", settings.result_expires_s
         )
-    engine = Engine.start(settings)
+    metrics = Metrics()
+    health = Health(metrics, settings.liveness_stall_s)
+    if settings.metrics_port:
+        health.serve(settings.metrics_port)
+        log.info("metrics and probes on :%d (/metrics, /livez, /readyz)", settings.metrics_port)
+    engine = Engine.start(settings, metrics)
+    health.batch_age = engine.watchdog.age
+    health.probe = engine.model.probe
     app = create_app(settings)
     ledger = Ledger(settings)
     register_tasks(app, engine, ledger)
     app.conf.worker_consumer = consumer_class(refused_message_handler(app, engine, ledger))
     recovery = Recovery(ledger, Client(settings).send_json, settings.recover_interval_s)
-    if settings.metrics_port:
-        engine.metrics.serve(settings.metrics_port)
-        log.info("Prometheus metrics on :%d/metrics", settings.metrics_port)
     worker_ready.connect(lambda **_: engine.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
     worker_shutting_down.connect(lambda **_: engine.metrics.ready.set(0), weak=False)

@@ -84,9 +84,12 @@ class Engine:
         )
 
     @classmethod
-    def start(cls, settings: WorkerSettings) -> Engine:
+    def start(cls, settings: WorkerSettings, metrics: Metrics | None = None) -> Engine:
         """Load the model (once per process) and start the batcher thread."""
-        metrics = Metrics()
+        metrics = metrics or Metrics()
+        faults = Faults.parse(settings.faults)
+        if faults is not None and faults.load_delay_s:
+            time.sleep(faults.load_delay_s)
         started = time.perf_counter()
         model = VisionLanguageModel.load(settings.model, settings.device, settings.torch_threads)
         metrics.model_load_seconds.set(time.perf_counter() - started)

@@ -8,7 +8,8 @@
 - `oom_over_tokens`: ... and for any batch holding an item of more than this many input tokens, even alone;
 - `device_error_over_tokens`: `generate` raises a sticky CUDA error (torch.AcceleratorError) for such a batch;
 - `hang_over_tokens`: `generate` never returns for such a batch, as a hung kernel would;
-- `decode_hang_on`: decoding a video whose URI contains this string never returns.
+- `decode_hang_on`: decoding a video whose URI contains this string never returns;
+- `load_delay_s`: loading the model takes this much longer (to observe a worker that is not ready yet).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Faults(BaseModel):
     device_error_over_tokens: int | None = None
     hang_over_tokens: int | None = None
     decode_hang_on: str | None = None
+    load_delay_s: float | None = None
 
     def on_job(self, uris: Sequence[str]) -> None:
         if self.crash_on and any(self.crash_on in uri for uri in uris):

@@ -95,14 +95,16 @@ def start_worker(
     env: Mapping[str, str] | None = None,
     name: str = "worker",
     timeout_s: float = 120,
+    ready_count: int = 1,
 ) -> Service:
-    """Start `vlmq worker --model MODEL ARGS...` (log in `workdir/NAME.log`) and wait until Celery says ready."""
+    """Start `vlmq worker --model MODEL ARGS...` (log in `workdir/NAME.log`) and wait until Celery says ready
+    (`ready_count` times: a `--gpus` supervisor's children each say it; 0: do not wait)."""
     argv = [sys.executable, "-m", "producer.cli", "worker", "--model", str(model), *args]
     service = _spawn(name, argv, workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     service.kill_after_s = 30  # SIGTERM is a warm shutdown: the running batch finishes first
     try:
         wait_until(
-            lambda: b" ready." in service.log_path.read_bytes(),
+            lambda: service.log_path.read_bytes().count(b" ready.") >= ready_count,
             timeout_s,
             f"the worker ({service.log_path})",
             service.proc,
@@ -176,7 +178,7 @@ class SeaweedS3:
         argv = [binary, "server", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         argv += [
             f"-master.port={master}",
-            "-master.electionTimeout=1s",
+            "-master.electionTimeout=1s",  # a restarted master waits this long (10 s by default) to lead again
             "-master.volumeSizeLimitMB=64",
             f"-volume.port={volume}",
             "-volume.max=0",

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one worker process, served on `VLMQ_METRICS_PORT` (`/metrics`) when it is set.
+"""Prometheus metrics of one worker process, served on `VLMQ_METRICS_PORT` (`/metrics`, worker/health.py).
 
 Each `Metrics` has its own registry, so tests and several engines in one process never share counters.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from producer.jobs import JobResult
 
@@ -52,6 +52,3 @@ class Metrics:
 
     def watch_gpu_memory(self, read: Callable[[], float]) -> None:
         self.gpu_memory.set_function(read)
-
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # all interfaces: scraped from outside the pod
-        start_http_server(port, addr=addr, registry=self.registry)

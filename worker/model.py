@@ -240,6 +240,14 @@ class VisionLanguageModel:
         half = len(items) // 2
         return self.generate_safely(items[:half]) + self.generate_safely(items[half:])
 
+    def probe(self) -> None:
+        """A one-token forward pass through the language model: raises if the device is broken."""
+        ids = torch.tensor([[self.pad_token_id]], device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def memory_allocated(self) -> float:
         """Bytes of device memory torch holds for tensors (0 on CPU)."""
         return float(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else 0.0

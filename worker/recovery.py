@@ -24,32 +24,16 @@ from typing import Any
 
 import redis
 
+from producer.broker import message_id, queue_lists
 from producer.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
-# kombu's Redis transport: one list per priority step, `<queue>\x06\x16<step>` (0 is the plain queue name).
-_PRIORITY_STEPS = (0, 3, 6, 9)
 _UNACKED_KEY = "unacked"
 _SCAN_CHUNK = 1000
 _MOST_CANDIDATES = 10_000
 
 Send = Callable[[str, dict[str, Any], bool], None]
-
-
-def queue_lists(queue: str) -> list[str]:
-    return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in _PRIORITY_STEPS]
-
-
-def message_id(raw: bytes | str) -> str | None:
-    """The task id of a kombu message as stored in a queue list (or of `[message, exchange, key]` in unacked)."""
-    try:
-        message = json.loads(raw)
-        if isinstance(message, list):
-            message = message[0]
-        return str(message["headers"]["id"])
-    except (ValueError, KeyError, TypeError, IndexError):
-        return None
 
 
 class Recovery:

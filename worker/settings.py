@@ -66,6 +66,9 @@ class WorkerSettings(ClientSettings):
     batch_timeout_s: float = Field(
         600.0, gt=0, description="longest model.generate() of one batch; past it the worker exits to be restarted"
     )
+    liveness_stall_s: float = Field(
+        300.0, gt=0, description="/livez fails once a batch has run this long (the model loop counts as stuck)"
+    )
     recover_interval_s: float = Field(
         30.0, gt=0, description="how often a worker looks for jobs whose message was lost (a worker died receiving it)"
     )

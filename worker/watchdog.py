@@ -76,6 +76,11 @@ class Watchdog:
     def end(self) -> None:
         self._started = None
 
+    def age(self) -> float | None:
+        """Seconds the watched section has run, or None when none runs."""
+        started = self._started
+        return None if started is None else time.monotonic() - started
+
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self._loop, name="vlmq-watchdog", daemon=True)
         thread.start()

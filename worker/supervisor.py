@@ -1,0 +1,115 @@
+"""`vlmq worker --gpus 0,1,2,3` (or `all`): one worker process per GPU under one supervisor.
+
+Each child is a plain `vlmq worker` that sees only its own GPU (`CUDA_VISIBLE_DEVICES`), so CUDA never crosses a
+fork and a broken device takes down one child, not its neighbours. A child that exits is started again (after 1 s,
+doubling up to 60 s while it keeps dying young); its unfinished jobs come back through Redis. SIGTERM or SIGINT
+is passed on to every child (each finishes its running jobs) and the supervisor exits when they have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 60.0
+HEALTHY_AFTER_S = 60.0  # a child that ran this long before exiting is restarted without delay growth
+
+
+def parse_gpus(spec: str) -> list[str]:
+    """`0,1,3` -> ["0", "1", "3"]; `all` -> every CUDA device torch sees."""
+    if spec.strip() == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError("--gpus all: no CUDA device is visible. Hint: check nvidia-smi, or use --device cpu")
+        return [str(i) for i in range(count)]
+    gpus = [part.strip() for part in spec.split(",") if part.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise ValueError(f"--gpus {spec!r}: give distinct GPU indices like 0,1,2,3, or all")
+    return gpus
+
+
+@dataclass
+class Child:
+    gpu: str
+    proc: subprocess.Popen[bytes]
+    started: float
+    backoff_s: float = MIN_BACKOFF_S
+    restart_at: float | None = None
+
+
+@dataclass
+class Supervisor:
+    """Starts `argv` once per GPU and keeps each running."""
+
+    gpus: Sequence[str]
+    argv: Sequence[str]  # `vlmq worker` flags, without --gpus
+    metrics_port: int | None = None
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    children: dict[str, Child] = field(default_factory=dict)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def child_env(self, index: int, gpu: str) -> dict[str, str]:
+        env = {**self.env, "CUDA_VISIBLE_DEVICES": gpu}
+        env.setdefault("VLMQ_WORKER_NAME", f"{socket.gethostname()}:gpu{gpu}")
+        if self.metrics_port:
+            env["VLMQ_METRICS_PORT"] = str(self.metrics_port + index)
+        return env
+
+    def spawn(self, index: int, gpu: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "producer.cli", "worker", *self.argv]
+        proc = subprocess.Popen(command, env=self.child_env(index, gpu))
+        log.info("started the worker for GPU %s (pid %d)", gpu, proc.pid)
+        return proc
+
+    def run(self, poll_s: float = 0.5) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        for index, gpu in enumerate(self.gpus):
+            self.children[gpu] = Child(gpu, self.spawn(index, gpu), time.monotonic())
+        while not self._stopping.wait(poll_s):
+            for index, gpu in enumerate(self.gpus):
+                self._tend(index, self.children[gpu])
+        return self._stop_all()
+
+    def _tend(self, index: int, child: Child) -> None:
+        now = time.monotonic()
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                child.proc, child.started, child.restart_at = self.spawn(index, child.gpu), now, None
+            return
+        status = child.proc.poll()
+        if status is None:
+            return
+        if now - child.started >= HEALTHY_AFTER_S:
+            child.backoff_s = MIN_BACKOFF_S
+        log.warning(
+            "the worker for GPU %s (pid %d) exited with status %d; restarting it in %.0f s",
+            child.gpu,
+            child.proc.pid,
+            status,
+            child.backoff_s,
+        )
+        child.restart_at = now + child.backoff_s
+        child.backoff_s = min(MAX_BACKOFF_S, child.backoff_s * 2)
+
+    def _stop_all(self) -> int:
+        log.info("stopping: each worker finishes its running jobs first")
+        running = [c.proc for c in self.children.values() if c.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            proc.wait()
+        return 0
