@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import platform
 import sys
@@ -11,12 +12,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from worker.local_services import RedisServer, SeaweedS3  # noqa: E402
 
 MEDIA_BUCKET, RESULTS_BUCKET = "bench-media", "bench-results"
+
+SIZES = [(640, 480), (480, 640), (384, 384), (1000, 200), (300, 900), (800, 600)]
+
+
+def make_images(n: int) -> list[bytes]:
+    """`n` random-noise JPEGs in the photo sizes of the throughput benchmark (deterministic)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
 
 
 def machine() -> str:

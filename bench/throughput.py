@@ -16,28 +16,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from producer import Client, ClientSettings, Job
 from producer.jobs import Generation
 from worker.local_services import start_worker
 
-from common import ROOT, append_section, local_stack, machine
+from common import ROOT, SIZES, append_section, local_stack, machine, make_images
 
-SIZES = [(640, 480), (480, 640), (384, 384), (1000, 200), (300, 900), (800, 600)]
 MAX_NEW_TOKENS = 16
-
-
-def make_images(n: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        w, h = SIZES[i % len(SIZES)]
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def bare_loop(model_dir: Path, images: list[bytes], batch_size: int) -> float:
