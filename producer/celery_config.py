@@ -15,6 +15,9 @@ def celery_config(settings: ClientSettings) -> dict[str, Any]:
     # Redis redelivers a message that stays unacknowledged past visibility_timeout while its first copy still runs
     # (celery#5935); the same timeout must be given to the result backend's transport too.
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    # Workers pop from their queues in the order given (interactive first), not round-robin: a backfill in the
+    # bulk queue never delays a single job by more than the batches already running.
+    order = {"queue_order_strategy": "priority"}
     # Messages of a worker that died come back once they are older than visibility_timeout and a worker sweeps for
     # them. kombu sweeps every unacked_restore_interval x unacked_restore_throttle seconds (10 x 10 by default):
     # sweep every interval instead, and at a tenth of the timeout when that is shorter.
@@ -32,9 +35,8 @@ def celery_config(settings: ClientSettings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "task_default_queue": settings.queue,
-        "task_routes": {"vlmq.run": {"queue": settings.queue}},
         "result_expires": settings.result_expires_s,
-        "broker_transport_options": {**transport, **restore},
+        "broker_transport_options": {**transport, **restore, **order},
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "task_track_started": True,

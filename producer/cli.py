@@ -25,7 +25,7 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from producer.client import Client
+    from producer.client import Client, Priority
     from producer.jobs import Job
 
     common: dict[str, Any] = {"task": args.task, "max_new_tokens": args.max_new_tokens}
@@ -44,11 +44,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"vlmq submit: invalid job:\n{exc}", file=sys.stderr)
         return EXIT_NO_RESULT
     client = Client.from_env()
+    priority: Priority = "bulk" if args.bulk else "interactive"
     if not args.wait:
         for job in jobs:
-            print(client.submit(job).id)
+            print(client.submit(job, priority=priority).id)
         return 0
-    results = client.run(jobs, progress=not args.quiet, timeout=args.timeout)
+    results = client.run(jobs, progress=not args.quiet, timeout=args.timeout, priority=priority)
     for result in results:
         _print_json(result.model_dump(mode="json"))
     return 0 if all(r.ok for r in results) else EXIT_FAILED
@@ -160,7 +161,7 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     from producer.settings import ClientSettings
 
     settings = ClientSettings()
-    queues = args.queues.split(",") if args.queues else [settings.queue]
+    queues = args.queues.split(",") if args.queues else settings.queues
     registry = CollectorRegistry()
     registry.register(QueueCollector(redis.Redis.from_url(settings.broker_url, socket_timeout=10), queues))
     start_http_server(args.port, registry=registry)
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="most jobs per generate() call (VLMQ_MAX_BATCH_SIZE; default 8)")
     p.add_argument("--max-wait-ms", type=float, help="longest wait for batch-mates (VLMQ_MAX_WAIT_MS; default 50)")
     p.add_argument("--concurrency", type=int, help="jobs in flight: fetching, decoding, batched (default 2 x batch)")
-    p.add_argument("--queue", help="queue to consume (VLMQ_QUEUE; default vlmq)")
+    p.add_argument("--queue", help="bulk queue to consume (VLMQ_QUEUE; default vlmq), after VLMQ_INTERACTIVE_QUEUE")
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz on this port (VLMQ_METRICS_PORT)")
     p.add_argument(
         "--gpus",
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exporter", help="serve queue backlog metrics for Prometheus / autoscaling")
     p.add_argument("--port", type=int, default=9809)
-    p.add_argument("--queues", help="comma-separated queue names (default VLMQ_QUEUE)")
+    p.add_argument("--queues", help="comma-separated queue names (default VLMQ_INTERACTIVE_QUEUE,VLMQ_QUEUE)")
     p.set_defaults(func=cmd_exporter)
 
     p = sub.add_parser("submit", help="enqueue jobs, one per URI; print their ids (or results with --wait)")
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="caption prompt instead of the default")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--ttl", type=float, metavar="SECONDS", help="fail a job `expired` if not started this soon")
+    p.add_argument("--bulk", action="store_true", help="send to the bulk queue (default: the interactive queue)")
     p.add_argument("--together", action="store_true", help="one job with all URIs in one prompt (multi-image)")
     p.add_argument("--wait", action="store_true", help="wait and print each result as a JSON line")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -20,6 +20,7 @@ from producer.settings import ClientSettings
 from producer.storage import make_s3_client, read_result
 
 _READY_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
+Priority = Literal["interactive", "bulk"]
 
 
 def _from_meta(job_id: str, state: str, value: Any) -> JobResult:
@@ -86,11 +87,14 @@ class Client:
     def ledger(self) -> Ledger:
         return Ledger(self.settings)
 
-    def submit(self, job: Job | dict[str, Any], *, force: bool = False) -> JobHandle:
+    def submit(
+        self, job: Job | dict[str, Any], *, force: bool = False, priority: Priority = "interactive"
+    ) -> JobHandle:
         """Validate and enqueue one job; returns at once.
 
         A job id that already succeeded is not run again: the worker returns the stored result (`force=True`
-        runs it again).
+        runs it again). Single jobs go to the interactive queue, which workers serve before the bulk queue;
+        send many jobs with `run()` or `priority="bulk"` so they do not hold up other services' single jobs.
 
         Raises:
             pydantic.ValidationError: the job breaks the contract; the message names the field.
@@ -98,14 +102,17 @@ class Client:
         job = Job.model_validate(job) if isinstance(job, dict) else Job.model_validate(job.model_dump())
         if job.submitted_at is None:
             job.submitted_at = datetime.now(UTC)
-        self.send_json(job.id, job.model_dump(mode="json", exclude_none=True), force)
+        queue = self.settings.interactive_queue if priority == "interactive" else self.settings.queue
+        self.send_json(job.id, job.model_dump(mode="json", exclude_none=True), queue, force)
         return JobHandle(self, job.id)
 
-    def send_json(self, job_id: str, payload: dict[str, Any], force: bool = False) -> None:
-        """Enqueue a job's JSON as it is, under `job_id` (for jobs validated before: dead letters, lost messages)."""
+    def send_json(self, job_id: str, payload: dict[str, Any], queue: str | None = None, force: bool = False) -> None:
+        """Enqueue a job's JSON as it is, under `job_id` (for jobs validated before: dead letters, lost messages);
+        `queue` defaults to the bulk queue."""
+        queue = queue or self.settings.queue
         kwargs = {"force": True} if force else {}
-        self.ledger.sent(job_id, payload, force)
-        self.celery.send_task(TASK_NAME, args=[payload], kwargs=kwargs, task_id=job_id, queue=self.settings.queue)
+        self.ledger.sent(job_id, payload, queue, force)
+        self.celery.send_task(TASK_NAME, args=[payload], kwargs=kwargs, task_id=job_id, queue=queue)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Jobs of this client's queue that failed after exhausting their retries or crashing workers."""
@@ -168,6 +175,7 @@ class Client:
         progress: bool = True,
         timeout: float | None = None,
         poll_interval_s: float = 0.1,
+        priority: Priority = "bulk",
     ) -> list[JobResult]:
         """Submit many jobs and wait for all of them; results come back in input order.
 
@@ -175,13 +183,14 @@ class Client:
             jobs: `Job`s or job dicts; all are validated before any is sent.
             progress: show a progress bar (done / total, rate, ETA) on stderr.
             timeout: seconds to wait for all results after the last submission.
+            priority: "bulk" (default) or "interactive", the queue the jobs go to.
 
         Raises:
             pydantic.ValidationError: a job breaks the contract (nothing was sent).
             TimeoutError: some results did not arrive in time.
         """
         validated = [Job.model_validate(j) if isinstance(j, dict) else j for j in jobs]
-        handles = [self.submit(job) for job in validated]
+        handles = [self.submit(job, priority=priority) for job in validated]
         return self.collect(
             [h.id for h in handles], progress=progress, timeout=timeout, poll_interval_s=poll_interval_s
         )

@@ -8,8 +8,9 @@
   that exhausted their retries or kept killing workers. `vlmq dead-letters` lists it; `vlmq retry-failed`
   re-enqueues them with the same ids.
 - `vlmq:pending:<queue>` (sorted set, job id -> sequence number) and `vlmq:payloads:<queue>` (hash, job id ->
-  {"job": ..., "force": ...}): every job sent and not yet finished. The sequence number is taken from
-  `vlmq:seq:<queue>` just before the message is pushed, so it follows the queue's order; a retry takes a new one.
+  {"job": ..., "queue": ..., "force": ...}): every job sent and not yet finished, to either queue (keys are named
+  after the bulk queue). The sequence number is taken from `vlmq:seq:<queue>` just before the message is pushed,
+  so it follows the order of every queue list; a retry takes a new one.
   `worker/recovery.py` uses them to send again a job whose message Redis no longer holds (see there).
 """
 
@@ -57,9 +58,10 @@ class Ledger:
         self.payloads_key = f"vlmq:payloads:{settings.queue}"
         self._sequence = self.redis.register_script(_SEQUENCE)
 
-    def sent(self, job_id: str, job: dict[str, Any], force: bool = False) -> None:
-        """Record a job about to be pushed to the queue (raises if Redis is down: the push would fail too)."""
-        self._sequence(keys=self._sequence_keys, args=[job_id, json.dumps({"job": job, "force": force}), 1])
+    def sent(self, job_id: str, job: dict[str, Any], queue: str, force: bool = False) -> None:
+        """Record a job about to be pushed to `queue` (raises if Redis is down: the push would fail too)."""
+        entry = json.dumps({"job": job, "queue": queue, "force": force})
+        self._sequence(keys=self._sequence_keys, args=[job_id, entry, 1])
 
     def requeued(self, job_id: str) -> None:
         """The job's message is pushed again (a retry): it takes its new place in the queue's order."""

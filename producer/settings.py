@@ -17,7 +17,10 @@ class ClientSettings(BaseSettings):
 
     broker_url: str = Field("redis://localhost:6379/0", description="Celery broker (redis:// or rediss://)")
     result_backend: str | None = Field(None, description="Celery result backend; defaults to the broker URL")
-    queue: str = Field("vlmq", description="queue that jobs are sent to and workers consume")
+    queue: str = Field("vlmq", description="bulk queue: batches and client.run() send here; workers serve it second")
+    interactive_queue: str = Field(
+        "vlmq-interactive", description="queue of single jobs (client.submit): workers take from it first"
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset means AWS S3")
     s3_region: str | None = Field(None, description="S3 region; unset means boto3's default chain")
     results_bucket: str | None = Field(None, description="bucket that workers write JobResult JSON to")
@@ -36,6 +39,11 @@ class ClientSettings(BaseSettings):
         if prefix.startswith("/"):
             raise ValueError("VLMQ_RESULTS_PREFIX must not start with '/'. Hint: use e.g. 'results/'")
         return prefix
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues workers consume, in the order they are served."""
+        return [self.interactive_queue, self.queue]
 
     @property
     def backend_url(self) -> str:

@@ -75,6 +75,7 @@ class Stack:
             "VLMQ_S3_ENDPOINT_URL": self.s3.endpoint_url,
             "VLMQ_RESULTS_BUCKET": RESULTS_BUCKET,
             "VLMQ_QUEUE": self.queue,
+            "VLMQ_INTERACTIVE_QUEUE": f"{self.queue}-interactive",
             "AWS_ACCESS_KEY_ID": "vlmq",
             "AWS_SECRET_ACCESS_KEY": "vlmq-secret",
             "AWS_DEFAULT_REGION": "us-east-1",
@@ -89,6 +90,7 @@ class Stack:
                 s3_endpoint_url=self.s3.endpoint_url,
                 results_bucket=RESULTS_BUCKET,
                 queue=self.queue,
+                interactive_queue=f"{self.queue}-interactive",
             )
         )
 

@@ -79,19 +79,19 @@ def run_worker(settings: WorkerSettings) -> None:
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
     worker_shutting_down.connect(lambda **_: engine.metrics.ready.set(0), weak=False)
     log.info(
-        "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queue %r",
+        "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queues %s",
         engine.worker_name,
         settings.model,
         settings.max_batch_size,
         settings.max_wait_ms,
         settings.in_flight,
-        settings.queue,
+        " then ".join(settings.queues),
     )
     argv = [
         "worker",
         "--pool=threads",
         f"--concurrency={settings.in_flight}",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(settings.queues)}",  # in the order they are served
         "--loglevel=INFO",
         f"--hostname=vlmq-{engine.worker_name.replace(':', '-')}@%h",
         "--without-gossip",

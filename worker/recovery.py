@@ -33,7 +33,7 @@ _UNACKED_KEY = "unacked"
 _SCAN_CHUNK = 1000
 _MOST_CANDIDATES = 10_000
 
-Send = Callable[[str, dict[str, Any], bool], None]
+Send = Callable[[str, dict[str, Any], str | None, bool], None]
 
 
 class Recovery:
@@ -46,7 +46,7 @@ class Recovery:
         self.interval_s = interval_s
         self.clock = clock
         queue = ledger.settings.queue
-        self.lists = queue_lists(queue)
+        self.lists = [name for q in ledger.settings.queues for name in queue_lists(q)]
         self.missing_key = f"vlmq:missing:{queue}"
         self.lock_key = f"vlmq:recover-lock:{queue}"
         self._stop = threading.Event()
@@ -73,7 +73,7 @@ class Recovery:
                 continue
             entry = json.loads(raw)
             log.warning("job %s: its message was lost (a worker died receiving it); sending it again", job_id)
-            self.send(job_id, entry["job"], bool(entry.get("force")))
+            self.send(job_id, entry["job"], entry.get("queue"), bool(entry.get("force")))
             resent.append(job_id)
         self.redis.hdel(self.missing_key, *confirmed)
         return resent

@@ -170,7 +170,7 @@ def test_every_kind_of_bad_input_fails_with_its_code_and_the_worker_carries_on(s
 
         def job(*media: str | dict[str, str], **fields: Any) -> Callable[[], str]:
             built = Job(task="caption", media=list(media), max_new_tokens=TOKENS, **fields)
-            return lambda: client.submit(built).id
+            return lambda: client.submit(built, priority="bulk").id  # one queue: each bad job before its good one
 
         def raw(payload: Any, **kwargs: Any) -> Callable[[], str]:
             return lambda: send_raw(client, queue, payload, **kwargs)
@@ -211,7 +211,7 @@ def test_every_kind_of_bad_input_fails_with_its_code_and_the_worker_carries_on(s
         http_kinds = {"URL of a private address", "redirect to a private address", "HTTP 404 on an allowed network"}
         for kind, (_, send) in cases.items():
             good_uri = f"{http_base}/good.png" if kind in http_kinds else uri["good.png"]  # the same image
-            sent[kind] = (send(), client.submit(Job(media=[good_uri], max_new_tokens=TOKENS)).id)
+            sent[kind] = (send(), client.submit(Job(media=[good_uri], max_new_tokens=TOKENS), priority="bulk").id)
         goods = dict(
             zip(cases, client.collect([g for _, g in sent.values()], progress=False, timeout=300), strict=True)
         )

@@ -62,7 +62,8 @@ def test_the_exporter_reports_queue_length_age_of_the_oldest_job_and_pending_job
     client = stack.client()
     ten_minutes_ago = datetime.now(UTC) - timedelta(minutes=10)
     for i in range(5):
-        client.submit(Job(media=["s3://m/x.png"], submitted_at=ten_minutes_ago + timedelta(seconds=i)))
+        job = Job(media=["s3://m/x.png"], submitted_at=ten_minutes_ago + timedelta(seconds=i))
+        client.submit(job, priority="bulk")
     stats = queue_stats(redis.Redis.from_url(stack.redis.url), stack.queue, now=ten_minutes_ago.timestamp() + 600)
     assert (stats.length, round(stats.oldest_seconds), stats.pending) == (5, 600, 5)
 

@@ -15,7 +15,7 @@ from worker.recovery import Recovery
 def recorder() -> tuple[list[str], object]:
     sent: list[str] = []
 
-    def send(job_id: str, job: dict, force: bool) -> None:
+    def send(job_id: str, job: dict, queue: str | None, force: bool) -> None:
         sent.append(job_id)
 
     return sent, send
@@ -24,7 +24,8 @@ def recorder() -> tuple[list[str], object]:
 def test_only_jobs_whose_message_is_gone_are_sent_again(stack: Stack) -> None:
     client = stack.client()
     r = redis.Redis.from_url(stack.redis.url)
-    a, b, c = (client.submit(Job(id=f"rec-{n}-{stack.queue}", media=["s3://m/x.png"])).id for n in "abc")
+    jobs = [Job(id=f"rec-{n}-{stack.queue}", media=["s3://m/x.png"]) for n in "abc"]
+    a, b, c = (client.submit(job, priority="bulk").id for job in jobs)
     sent, send = recorder()
     now = [1000.0]
     recovery = Recovery(client.ledger, send, interval_s=10, clock=lambda: now[0])
@@ -57,7 +58,7 @@ def test_only_jobs_whose_message_is_gone_are_sent_again(stack: Stack) -> None:
 def test_a_message_lost_between_pop_and_unacked_is_run_by_the_worker(stack: Stack) -> None:
     uris = upload_images(stack, "recover", 3)
     client = stack.client()
-    ids = [client.submit(Job(media=[u], max_new_tokens=4)).id for u in uris]
+    ids = [client.submit(Job(media=[u], max_new_tokens=4), priority="bulk").id for u in uris]
     # A worker popped the first job's message and died before kombu recorded it as unacknowledged.
     r = redis.Redis.from_url(stack.redis.url)
     assert json.loads(r.rpop(stack.queue))["headers"]["id"] == ids[0]
