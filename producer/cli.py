@@ -11,7 +11,9 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -170,6 +172,93 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_options(args: argparse.Namespace, client: Any) -> tuple[str, dict[str, Any]]:
+    source = args.manifest or args.prefix
+    if not source:
+        raise SystemExit("vlmq batch: give an s3://bucket/prefix/ or --manifest FILE.jsonl|.csv")
+    defaults: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    for field in ("task", "question", "prompt"):
+        if getattr(args, field):
+            defaults[field] = getattr(args, field)
+    options: dict[str, Any] = {"defaults": defaults, "glob": args.glob}
+    if source.startswith("s3://"):
+        options["s3"] = client.s3
+    return source, options
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from producer.client import Client
+    from producer.manifest import InvalidManifest, read_manifest, validate_manifest
+
+    client = Client.from_env()
+    if args.batch_command in ("submit", "validate"):
+        source, options = _manifest_options(args, client)
+        try:
+            count = validate_manifest(source, batch=getattr(args, "name", None), **options)
+        except (InvalidManifest, ValueError, OSError) as exc:
+            print(f"vlmq batch {args.batch_command}: {exc}", file=sys.stderr)
+            return EXIT_NO_RESULT
+        if args.batch_command == "validate":
+            print(f"{source}: {count} valid jobs")
+            return 0
+        jobs = (item for _, item in read_manifest(source, batch=args.name, **options) if not isinstance(item, str))
+        client.submit_batch(args.name, jobs, webhook=args.webhook, progress=not args.quiet)
+        status = client.batch(args.name).status()
+        print(
+            f"batch {args.name}: {status.total} jobs, {status.succeeded} already succeeded; "
+            f"follow it with `vlmq batch status {args.name} --watch`",
+            file=sys.stderr,
+        )
+        return 0
+    batch = client.batch(args.name)
+    if batch.status().status == "unknown":
+        print(f"vlmq batch: no batch named {args.name!r} (check VLMQ_BROKER_URL)", file=sys.stderr)
+        return EXIT_NO_RESULT
+    if args.batch_command == "status":
+        return _batch_status(batch, args.watch, args.json)
+    if args.batch_command == "results":
+        errors_path = args.errors or str(Path(args.output).with_suffix("")) + ".errors.jsonl"
+        with open(args.output, "w", encoding="utf-8") as out, open(errors_path, "w", encoding="utf-8") as errors:
+            ok, failed, missing = batch.results(out, errors)
+        print(f"{ok} results to {args.output}, {failed} failures to {errors_path}", file=sys.stderr)
+        if missing:
+            print(f"{missing} jobs have no result yet: the batch is {batch.status().status}", file=sys.stderr)
+            return EXIT_NO_RESULT
+        return 0
+    if args.batch_command == "retry-failed":
+        print(f"re-enqueued {len(batch.retry_failed())} failed jobs of {args.name}", file=sys.stderr)
+        return 0
+    batch.cancel()
+    print(f"batch {args.name} cancelled: jobs not started yet end `cancelled`", file=sys.stderr)
+    return 0
+
+
+def _batch_status(batch: Any, watch: bool, as_json: bool) -> int:
+    from tqdm import tqdm
+
+    status = batch.status()
+    if not watch:
+        if as_json:
+            _print_json(status.to_json())
+        else:
+            print(
+                f"{status.name}: {status.status}; {status.total} jobs: {status.queued} queued, {status.running} "
+                f"running, {status.succeeded} succeeded, {status.failed} failed, {status.cancelled} cancelled"
+            )
+        return 0 if status.status in ("completed", "running", "submitting") else EXIT_FAILED
+    with tqdm(total=status.total, initial=status.done, desc=status.name, unit="job") as bar:
+        while True:
+            bar.total = status.total
+            bar.update(status.done - bar.n)
+            bar.set_postfix(running=status.running, failed=status.failed, cancelled=status.cancelled)
+            if status.status not in ("running", "submitting"):
+                break
+            time.sleep(1)
+            status = batch.status()
+    print(f"{status.name}: {status.status}", file=sys.stderr)
+    return 0 if status.status == "completed" else EXIT_FAILED
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from worker.tiny import make_tiny_model
 
@@ -246,6 +335,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retry-failed", help="re-enqueue dead-lettered jobs (all, or the ids given) under their ids")
     p.add_argument("job_ids", nargs="*", metavar="JOB_ID")
     p.set_defaults(func=cmd_retry_failed)
+
+    p = sub.add_parser("batch", help="named bulk runs: submit, validate, status, results, retry-failed, cancel")
+    batch = p.add_subparsers(dest="batch_command", required=True, metavar="BATCH_COMMAND")
+    for name, help_text in (
+        ("submit", "enqueue a manifest or S3 prefix as a named batch"),
+        ("validate", "check every line of a manifest; enqueue nothing"),
+    ):
+        q = batch.add_parser(name, help=help_text)
+        if name == "submit":
+            q.add_argument("--name", required=True, help="batch name (submitting it again resumes it)")
+            q.add_argument("--webhook", help="URL that gets a signed POST when the batch ends")
+            q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        q.add_argument("prefix", nargs="?", metavar="s3://BUCKET/PREFIX/", help="every image and video under it")
+        q.add_argument("--manifest", help="jobs.jsonl (one job per line, custom_id = id) or jobs.csv (uri, ...)")
+        q.add_argument("--glob", help="with a prefix: only keys matching this glob, e.g. '*.jpg'")
+        q.add_argument("--task", choices=["caption", "qa"], help="default task of lines that set none")
+        q.add_argument("--question")
+        q.add_argument("--prompt")
+        q.add_argument("--max-new-tokens", type=int, default=128)
+        q.set_defaults(func=cmd_batch)
+    q = batch.add_parser("status", help="counts per state (exit 1 if failed or cancelled)")
+    q.add_argument("name")
+    q.add_argument("--watch", action="store_true", help="live progress bar with rate and ETA until it ends")
+    q.add_argument("--json", action="store_true")
+    q = batch.add_parser("results", help="write one JobResult JSON line per job, in input order")
+    q.add_argument("name")
+    q.add_argument("-o", "--output", required=True, help="JSONL of succeeded jobs")
+    q.add_argument("--errors", help="JSONL of failed jobs (default OUTPUT without .jsonl + .errors.jsonl)")
+    q = batch.add_parser("retry-failed", help="re-run the batch's failed jobs under their ids")
+    q.add_argument("name")
+    q = batch.add_parser("cancel", help="jobs not started yet end `cancelled`")
+    q.add_argument("name")
+    for q in batch.choices.values():
+        q.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("make-tiny-model", help="write a random-weight LLaVA-OneVision checkpoint for tests/demos")
     p.add_argument("dir")

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from tqdm import tqdm
 
+from producer.batch import BatchStatus, BatchStore
 from producer.celery_config import celery_config
-from producer.jobs import TASK_NAME, ErrorCode, Job, JobError, JobResult
+from producer.jobs import JOB_ID_PATTERN, TASK_NAME, ErrorCode, Job, JobError, JobResult
 from producer.ledger import DeadLetter, Ledger
 from producer.settings import ClientSettings
 from producer.storage import make_s3_client, read_result
 
 _READY_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
 Priority = Literal["interactive", "bulk"]
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while part := list(itertools.islice(iterator, size)):
+        yield part
+
+
+def _as_dict(job: Job | dict[str, Any]) -> dict[str, Any]:
+    return job if isinstance(job, dict) else job.model_dump(exclude_none=True)
 
 
 def _from_meta(job_id: str, state: str, value: Any) -> JobResult:
@@ -54,6 +67,62 @@ class JobHandle:
             TimeoutError: no result after `timeout` seconds (the job may still be queued or running).
         """
         return self.client.result(self.id, timeout=timeout)
+
+
+class BatchHandle:
+    """A named batch: its status, its results as JSONL, and retry-failed / cancel."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+        self.store = client.batches
+
+    def __repr__(self) -> str:
+        return f"BatchHandle(name={self.name!r})"
+
+    def status(self) -> BatchStatus:
+        return self.store.status(self.name)
+
+    def cancel(self) -> None:
+        """Jobs of the batch that have not started end `cancelled` without model work; running ones finish."""
+        self.store.cancel(self.name)
+
+    def retry_failed(self) -> list[str]:
+        """Send the batch's failed jobs again under their own ids; returns the ids sent."""
+        failed = self.store.failed_jobs(self.name)
+        if not failed:
+            return []
+        ids = list(failed)
+        self.store.add_requeued(self.name, ids)
+        for job_id in ids:
+            AsyncResult(job_id, app=self.client.celery).forget()
+        self.client._send_many([(i, {**failed[i], "submitted_at": datetime.now(UTC).isoformat()}) for i in ids])
+        self.store.submitted(self.name)
+        return ids
+
+    def results(self, out: IO[str], errors: IO[str] | None = None, chunk: int = 500) -> tuple[int, int, int]:
+        """Write one JobResult JSON line per job in input order (failed ones to `errors` instead, when given).
+
+        Streams `chunk` results at a time from Redis (S3 for those expired there). Returns (succeeded, failed,
+        without a result yet).
+        """
+        counts = [0, 0, 0]
+        backend: Any = self.client.celery.backend
+        for ids in self.store.ids(self.name, chunk):
+            metas = backend.client.mget([backend.get_key_for_task(i) for i in ids])
+            for job_id, raw in zip(ids, metas, strict=True):
+                meta = backend.decode_result(raw) if raw else None
+                if meta is not None and meta.get("status") in _READY_STATES:
+                    result: JobResult | None = _from_meta(job_id, meta["status"], meta["result"])
+                else:
+                    result = read_result(self.client.s3, self.client.settings, job_id)
+                if result is None:
+                    counts[2] += 1
+                    continue
+                counts[0 if result.ok else 1] += 1
+                target = out if result.ok or errors is None else errors
+                target.write(result.model_dump_json() + "\n")
+        return counts[0], counts[1], counts[2]
 
 
 class Client:
@@ -113,6 +182,71 @@ class Client:
         kwargs = {"force": True} if force else {}
         self.ledger.sent(job_id, payload, queue, force)
         self.celery.send_task(TASK_NAME, args=[payload], kwargs=kwargs, task_id=job_id, queue=queue)
+
+    @cached_property
+    def batches(self) -> BatchStore:
+        return BatchStore(self.ledger.redis)
+
+    def batch(self, name: str) -> BatchHandle:
+        """A handle on the named batch (submitted now or earlier, by any producer)."""
+        return BatchHandle(self, name)
+
+    def submit_batch(
+        self,
+        name: str,
+        jobs: Iterable[Job | dict[str, Any]],
+        *,
+        webhook: str | None = None,
+        progress: bool = True,
+        chunk: int = 1000,
+    ) -> BatchHandle:
+        """Enqueue `jobs` as the named batch, `chunk` at a time (memory stays flat), to the bulk queue.
+
+        Submitting a batch again skips its jobs that already succeeded or are still queued or running (same
+        ids: give `id`s, or let manifests derive them) and sends the others again. `webhook` gets a signed POST
+        when the batch ends.
+
+        Raises:
+            pydantic.ValidationError: a job breaks the contract (the jobs before it were sent; validate
+                manifests first with `producer.manifest.validate_manifest`).
+        """
+        if not re.fullmatch(JOB_ID_PATTERN, name):
+            raise ValueError(f"batch name {name!r}: use letters, digits and . _ : - (at most 128)")
+        self.batches.begin(name, webhook)
+        skipped = 0
+        with tqdm(desc=f"enqueue {name}", unit="job", disable=not progress) as bar:
+            for part in _chunks(jobs, chunk):
+                validated = [Job.model_validate({**_as_dict(j), "batch": name}) for j in part]
+                ids = [j.id for j in validated]
+                known = self.ledger.known_many(ids)  # succeeded: skipped; pending: its message is still queued
+                states = self.batches.states(name, ids)
+                send = [j for j, k in zip(validated, known, strict=True) if k is None]
+                self.batches.add(
+                    name,
+                    ids,
+                    requeued=[j.id for j, k, st in zip(validated, known, states, strict=True) if k is None and st],
+                    succeeded=[i for i, k, st in zip(ids, known, states, strict=True) if k == "succeeded" != st],
+                )
+                now = datetime.now(UTC).isoformat()
+                self._send_many(
+                    [(j.id, {**j.model_dump(mode="json", exclude_none=True), "submitted_at": now}) for j in send]
+                )
+                skipped += len(part) - len(send)
+                bar.update(len(part))
+                bar.set_postfix(already_succeeded=skipped, refresh=False)
+        if self.batches.submitted(name):
+            self.batches.announce(name, self.settings.webhook_secret)
+        return BatchHandle(self, name)
+
+    def _send_many(self, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+        """Send already validated job JSON to the bulk queue: one Redis round trip for the ledger, then the messages."""
+        if not jobs:
+            return
+        queue = self.settings.queue
+        self.ledger.sent_many(jobs, queue)
+        with self.celery.producer_or_acquire() as producer:
+            for job_id, payload in jobs:
+                self.celery.send_task(TASK_NAME, args=[payload], task_id=job_id, queue=queue, producer=producer)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Jobs of this client's queue that failed after exhausting their retries or crashing workers."""

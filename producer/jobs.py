@@ -144,6 +144,7 @@ class Job(BaseModel):
     video: VideoSampling = Field(default_factory=lambda: VideoSampling())
     metadata: dict[str, str] = Field(default_factory=dict)
     submitted_at: datetime | None = None
+    batch: str | None = Field(None, pattern=JOB_ID_PATTERN, description="the named batch the job belongs to")
     ttl_s: float | None = Field(
         None, gt=0, description="seconds after submitted_at past which a worker fails the job `expired` unrun"
     )

@@ -63,6 +63,26 @@ class Ledger:
         entry = json.dumps({"job": job, "queue": queue, "force": force})
         self._sequence(keys=self._sequence_keys, args=[job_id, entry, 1])
 
+    def sent_many(self, jobs: list[tuple[str, dict[str, Any]]], queue: str) -> None:
+        """`sent` for many jobs in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, job in jobs:
+            entry = json.dumps({"job": job, "queue": queue, "force": False})
+            self._sequence(keys=self._sequence_keys, args=[job_id, entry, 1], client=pipe)
+        pipe.execute()
+
+    def known_many(self, job_ids: list[str]) -> list[str | None]:
+        """For each job: "succeeded" (its result is stored), "pending" (sent and not finished), or None."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(f"vlmq:done:{job_id}")
+            pipe.zscore(self.pending_key, job_id)
+        replies = pipe.execute()
+        return [
+            "succeeded" if done else "pending" if pending is not None else None
+            for done, pending in zip(replies[::2], replies[1::2], strict=True)
+        ]
+
     def requeued(self, job_id: str) -> None:
         """The job's message is pushed again (a retry): it takes its new place in the queue's order."""
         try:

@@ -31,6 +31,9 @@ class ClientSettings(BaseSettings):
         description="Redis redelivers a message unacknowledged this long (so a dead worker's jobs come back after it); "
         "keep it above the longest retry delay + batch run",
     )
+    webhook_secret: str | None = Field(
+        None, description="key of the HMAC-SHA256 signature of batch webhooks (X-Vlmq-Signature)", repr=False
+    )
     result_expires_s: int = Field(7 * 24 * 3600, ge=60, description="how long Redis keeps a result")
 
     @field_validator("results_prefix")

@@ -25,9 +25,13 @@ def create_app(settings: WorkerSettings) -> Celery:
         celery_config(settings),
         task_acks_late=True,
         worker_prefetch_multiplier=1,
-        # Consumers have silently stopped after a Redis reconnect (celery#8030); cancelling what ran on the lost
-        # connection lets Redis redeliver it, and the consumer restarts cleanly.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A result stored while Redis restarts is retried (for up to a minute) instead of being lost with its
+        # message: the message is acknowledged either way. (Cancelling running tasks on connection loss,
+        # worker_cancel_long_running_tasks_on_connection_loss, cannot work with the threads pool: it has no kill.)
+        result_backend_always_retry=True,
+        result_backend_max_retries=30,
+        result_backend_base_sleep_between_retries_ms=100,
+        result_backend_max_sleep_between_retries_ms=5000,
         worker_hijack_root_logger=False,
     )
     return app
@@ -74,7 +78,8 @@ def run_worker(settings: WorkerSettings) -> None:
     ledger = Ledger(settings)
     register_tasks(app, engine, ledger)
     app.conf.worker_consumer = consumer_class(refused_message_handler(app, engine, ledger))
-    recovery = Recovery(ledger, Client(settings).send_json, settings.recover_interval_s)
+    producer = Client(settings)
+    recovery = Recovery(ledger, producer.send_json, settings.recover_interval_s, stored=producer.peek)
     worker_ready.connect(lambda **_: engine.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
     worker_shutting_down.connect(lambda **_: engine.metrics.ready.set(0), weak=False)

@@ -14,7 +14,8 @@ VlmqError
 │   └── OutOfMemory        out_of_memory        the item does not fit on the device even alone
 ├── ResultWriteFailed      result_write_failed  the result could not be written to S3 (retryable)
 ├── WorkerLost             worker_lost          workers died running the job, VLMQ_MAX_CRASHES times
-└── Expired                expired              the job waited in the queue longer than its ttl_s
+├── Expired                expired              the job waited in the queue longer than its ttl_s
+└── Cancelled              cancelled            its batch was cancelled before the job started
 
 DeviceFailed is not a job's error: the device broke (a sticky CUDA error) and the worker process must end.
 """
@@ -120,6 +121,12 @@ class Expired(VlmqError):
     """The job was older than its time to live when a worker took it."""
 
     code = "expired"
+
+
+class Cancelled(VlmqError):
+    """The job's batch was cancelled before the job started."""
+
+    code = "cancelled"
 
 
 class DeviceFailed(Exception):

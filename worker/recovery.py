@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from producer.broker import message_id, queue_lists
+from producer.jobs import JobResult
 from producer.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,16 @@ Send = Callable[[str, dict[str, Any], str | None, bool], None]
 class Recovery:
     """Finds lost jobs of one queue and sends them again."""
 
-    def __init__(self, ledger: Ledger, send: Send, interval_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        send: Send,
+        interval_s: float,
+        clock: Callable[[], float] = time.time,
+        stored: Callable[[str], JobResult | None] = lambda job_id: None,
+    ) -> None:
         self.ledger = ledger
+        self.stored = stored  # the job's result if one was stored (its end was not recorded: Redis was down)
         self.redis: redis.Redis = ledger.redis
         self.send = send
         self.interval_s = interval_s
@@ -70,6 +79,10 @@ class Recovery:
                 continue
             raw = self.redis.hget(self.ledger.payloads_key, job_id)
             if raw is None:  # finished meanwhile
+                continue
+            result = self.stored(job_id)
+            if result is not None:  # it finished, but Redis was down when it recorded that
+                self.ledger.finished(result)
                 continue
             entry = json.loads(raw)
             log.warning("job %s: its message was lost (a worker died receiving it); sending it again", job_id)

@@ -58,7 +58,7 @@ class WorkerSettings(ClientSettings):
     max_crashes: int = Field(
         3, ge=1, le=100, description="a job running when its worker died this many times is dead-lettered"
     )
-    retry_backoff_s: int = Field(2, ge=0, description="first retry delay; doubles per retry, with full jitter")
+    retry_backoff_s: int = Field(2, ge=0, description="first retry delay; doubles per retry, with equal jitter")
     retry_backoff_max_s: int = Field(300, ge=0, description="cap on one retry delay")
     max_decode_s: float = Field(
         120.0, gt=0, description="longest decode of one video; a hung decoder fails the job and restarts the worker"

@@ -8,18 +8,21 @@ result, and a job that was running when workers died `max_crashes` times is dead
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Celery, Task
 from celery.utils.time import get_exponential_backoff_interval
 from kombu.message import Message
 
+from producer.batch import BatchStore, JobState
 from producer.jobs import TASK_NAME, JobResult
 from producer.ledger import Ledger
 from producer.storage import read_result
 from worker.engine import Engine, parse_job
-from worker.errors import InvalidJob, ResultWriteFailed, VlmqError, WorkerLost
+from worker.errors import Cancelled, InvalidJob, ResultWriteFailed, VlmqError, WorkerLost
 from worker.isolation import Isolation
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
     """Register `vlmq.run` on `app`, bound to this process's engine."""
     settings = engine.settings
     isolation = Isolation()
+    batches = BatchStore(ledger.redis)
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=settings.max_retries)
     def run(self: Task, payload: Any, force: bool = False) -> dict[str, Any]:
@@ -79,20 +83,29 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
         crashes = starts - 1 - task.request.retries  # starts that neither finished nor asked for a retry
         # The S3 result is the commit point: a copy redelivered after its worker died between writing it and
         # acknowledging the message, or a resubmitted id that succeeded, returns it instead of running again.
-        if (redelivered or succeeded_before) and not force:
+        # A start more than its retries explain also means an earlier copy may have finished (its end was not
+        # recorded: Redis was down), and the lost-message recovery sent it again.
+        if (redelivered or succeeded_before or crashes > 0) and not force:
             stored = read_result(engine.results.s3, settings, task_id)
             if stored is not None and stored.ok:
                 log.info("job %s already succeeded; returning its stored result", task_id)
                 ledger.finished(stored)
+                count_in_batch(payload.get("batch") if isinstance(payload, dict) else None, stored, payload)
                 return stored.model_dump(mode="json")
         dead = False
+        batch = None
         try:
             job = parse_job(payload, task_id)
         except InvalidJob as exc:
             log.warning("job %s refused: %s", task_id, exc.message)
             result = engine.failed(task_id, exc, attempts)
         else:
-            if crashes >= settings.max_crashes:
+            batch = job.batch
+            if batch is not None and batches.cancelled(batch):
+                result = engine.failed(
+                    job.id, Cancelled(f"batch {batch} was cancelled before this job started"), attempts, job.metadata
+                )
+            elif crashes >= settings.max_crashes:
                 error = WorkerLost(
                     f"workers died {crashes} times while running this job, so it was not run again. Its media may "
                     "crash the decoder or the model: check them, then `vlmq retry-failed`"
@@ -100,6 +113,8 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
                 log.error("job %s: %s", job.id, error.message)
                 result, dead = engine.failed(job.id, error, attempts, job.metadata), True
             else:
+                if batch is not None:
+                    batches.started(batch, job.id)
                 result, dead = run_job(task, job, attempts)
         try:
             engine.results.write(result)
@@ -111,8 +126,21 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
         if dead:
             ledger.dead_letter(payload, result)
         ledger.finished(result)
+        count_in_batch(batch, result, payload)
         engine.metrics.finished(result)
         return result.model_dump(mode="json")
+
+    def count_in_batch(batch: Any, result: JobResult, payload: Any) -> None:
+        """Count the job's end in its batch; the call that ends the batch announces it (webhook, pub/sub)."""
+        if not isinstance(batch, str):
+            return
+        code = result.error.code if result.error else None
+        state: JobState = "succeeded" if result.ok else "cancelled" if code == "cancelled" else "failed"
+        try:
+            if batches.finished(batch, result.id, state, payload if state == "failed" else None):
+                batches.announce(batch, settings.webhook_secret)
+        except redis.RedisError as exc:
+            log.error("job %s: could not count its end in batch %s (%s)", result.id, batch, exc)
 
     def run_job(task: Task, job: Any, attempts: int) -> tuple[JobResult, bool]:
         """The job's result, and whether it goes to the dead letters (retries exhausted)."""
@@ -128,16 +156,16 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
             return engine.failed(job.id, error, attempts, job.metadata), False
 
     def retry_later(task: Task, exc: VlmqError) -> None:
-        """Raise Celery's Retry for a retryable error while retries are left (exponential backoff, full jitter)."""
+        """Raise Celery's Retry for a retryable error while retries are left (exponential backoff, equal jitter)."""
         if not exc.retryable or task.request.retries >= settings.max_retries:
             return
-        delay = get_exponential_backoff_interval(
-            factor=settings.retry_backoff_s,
-            retries=task.request.retries,
-            maximum=settings.retry_backoff_max_s,
-            full_jitter=True,
+        # Equal jitter: half the exponential delay fixed, half random. Full jitter often draws 0 s, and a store
+        # failing fast (a restarting S3 answers errors in milliseconds) would use up every retry in a second.
+        countdown = get_exponential_backoff_interval(
+            factor=settings.retry_backoff_s, retries=task.request.retries, maximum=settings.retry_backoff_max_s
         )
+        delay = countdown / 2 + random.uniform(0, countdown / 2)
         engine.metrics.retries.labels(exc.code).inc()
         ledger.requeued(str(task.request.id))
-        log.warning("job %s: %s; retry %d in %d s", task.request.id, exc.message, task.request.retries + 1, delay)
+        log.warning("job %s: %s; retry %d in %.1f s", task.request.id, exc.message, task.request.retries + 1, delay)
         raise task.retry(exc=exc, countdown=delay)

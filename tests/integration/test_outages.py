@@ -1,0 +1,164 @@
+"""Outages of the services a worker depends on, in real processes: Redis restarted mid-run, S3 down for a while.
+
+Each test starts its own redis-server or SeaweedFS, so that stopping it leaves the session's shared servers (and the
+tests using them) alone, and prints its figures (jobs, outage, retried, lost) for the README.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import Job
+from producer.storage import read_result
+from tests.conftest import MEDIA_BUCKET, RESULTS_BUCKET, Stack
+from tests.integration.test_faults import FAST_REDELIVERY, results_ready, upload_images
+from worker.local_services import RedisServer, SeaweedS3, Service, wait_until
+
+# Retries must outlast the ~15 s outage: 12 retries waiting 0.5-1, 1-2, then 2-4 s each (equal jitter) span 37 s
+# at least.
+S3_RETRIES = {
+    "VLMQ_RETRY_BACKOFF_S": "1",
+    "VLMQ_RETRY_BACKOFF_MAX_S": "4",
+    "VLMQ_MAX_RETRIES": "12",
+    "VLMQ_VISIBILITY_TIMEOUT_S": "30",
+}
+RETRY_LOGGED = re.compile(rb"job \S+: .*; retry \d+ in [\d.]+ s")
+
+
+def own_stack(redis_server: RedisServer, s3: SeaweedS3, model: Path, workdir: Path, mp: pytest.MonkeyPatch) -> Stack:
+    stack = Stack(redis=redis_server, s3=s3, model=model, workdir=workdir)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        mp.setenv(name, stack.env[name])  # the test's own Client reads S3 too
+    return stack
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `check` until it is true or `timeout_s` passed; returns its last value (errors count as false)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if check():
+                return True
+        except (OSError, redis.RedisError):
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def all_results(stack: Stack, job_ids: list[str], timeout_s: float) -> int:
+    """Wait until every job has a result in Redis, or `timeout_s` passed; returns how many have one."""
+    wait_for(lambda: results_ready(stack, job_ids) == len(job_ids), timeout_s)
+    return results_ready(stack, job_ids)
+
+
+def in_log(worker: Service, pattern: str, since: int = 0) -> Counter[str]:
+    """Matches of `pattern`'s group (a job id) in the worker's log, from byte `since` on."""
+    return Counter(re.findall(pattern, worker.log_path.read_bytes()[since:].decode(errors="replace")))
+
+
+def test_the_worker_resumes_by_itself_when_redis_restarts_mid_run_and_no_job_is_lost(
+    s3_server: SeaweedS3, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    stack = own_stack(server, s3_server, tiny_model, tmp_path, monkeypatch)
+    try:
+        uris = upload_images(stack, f"outage-{stack.queue}", 20)
+        worker = stack.start_worker("--max-batch-size", "4", env=FAST_REDELIVERY)
+        pid = worker.proc.pid
+        client = stack.client()
+        jobs = [Job(media=[uris[i % len(uris)]], max_new_tokens=4, metadata={"n": str(i)}) for i in range(80)]
+        ids = [client.submit(job).id for job in jobs[:60]]
+        wait_until(lambda: results_ready(stack, ids) >= 4, 120, "the first results", worker.proc)
+
+        before = results_ready(stack, ids)
+        restart_at = worker.log_path.stat().st_size
+        down_at = time.monotonic()
+        server.stop()  # SIGTERM: Redis writes its AOF
+
+        def finished_while_down() -> bool:
+            log = worker.log_path.read_bytes()[restart_at:]
+            lost = log.find(b"Connection to broker lost")
+            return lost >= 0 and b" finished: " in log[lost:]
+
+        # Down until the worker noticed and finished a job it cannot report: the hard case for its result.
+        noticed = wait_for(finished_while_down, 30)
+        server.start()  # the same port and data dir
+        down_s = time.monotonic() - down_at
+        ids += [client.submit(job).id for job in jobs[60:]]
+        done = all_results(stack, ids, timeout_s=240)
+
+        after = in_log(worker, r"job (\S+) finished: ", since=restart_at)
+        runs = in_log(worker, r"job (\S+) finished: ")
+        received = in_log(worker, r"Task vlmq.run\[(\S+)\] received")
+        print(
+            f"\nredis restart: {len(ids)} jobs, 1 restart (at {before} results, down {down_s:.1f} s, a job finished "
+            f"meanwhile: {noticed}), lost {len(ids) - done}, {sum(after.values())} finished after the restart, "
+            f"{sum(1 for i in ids if received[i] > 1)} received twice, run twice {sum(1 for i in ids if runs[i] > 1)}"
+        )
+        assert worker.proc.poll() is None and worker.proc.pid == pid and len(stack.workers) == 1, worker.log_tail()
+        assert before < 60, "every job had finished before Redis stopped: nothing was restarted mid-run"
+        assert done == len(ids), f"{len(ids) - done} jobs have no result; worker log:\n{worker.log_tail(60)}"
+        results = client.collect(ids, progress=False, timeout=30)
+        assert [r.status for r in results] == ["succeeded"] * len(ids)
+        assert [r.metadata["n"] for r in results] == [str(i) for i in range(len(ids))]
+        # The same process consumed after the restart: every job submitted after it, at least.
+        assert [i for i in ids[60:] if not after[i]] == [], worker.log_tail(60)
+    finally:
+        stack.stop_workers()
+        server.stop()
+
+
+def test_jobs_retry_through_an_s3_outage_and_all_succeed_with_their_results_stored(
+    redis_server: RedisServer, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3 = SeaweedS3(tmp_path / "seaweedfs")
+    stack = own_stack(redis_server, s3, tiny_model, tmp_path, monkeypatch)
+    try:
+        s3.start()
+        for bucket in (MEDIA_BUCKET, RESULTS_BUCKET):
+            s3.create_bucket(bucket)
+        uris = upload_images(stack, "outage", 20)
+        worker = stack.start_worker("--max-batch-size", "4", env=S3_RETRIES)
+        client = stack.client()
+        jobs = [Job(media=[uris[i % len(uris)]], max_new_tokens=4, metadata={"n": str(i)}) for i in range(40)]
+        ids = [client.submit(job).id for job in jobs]
+        wait_until(lambda: results_ready(stack, ids) >= 4, 120, "the first results", worker.proc)
+
+        before = results_ready(stack, ids)
+        down_at = time.monotonic()
+        s3.stop()  # SIGTERM, then SIGKILL
+        wait_until(lambda: RETRY_LOGGED.search(worker.log_path.read_bytes()) is not None, 60, "a retry", worker.proc)
+        time.sleep(max(0.0, down_at + 10 - time.monotonic()))  # the outage itself: S3 stays down >= 10 s
+        s3.start()  # the same ports and data dir
+        # Until its volume server registers again, SeaweedFS answers reads with InternalError at once: still down.
+        media = s3.client()
+        wait_until(lambda: media.get_object(Bucket=MEDIA_BUCKET, Key="outage/0.png") is not None, 60, "S3 reads")
+        outage_s = time.monotonic() - down_at
+        done = all_results(stack, ids, timeout_s=240)
+
+        peeked = [client.peek(i) for i in ids]  # None: no result
+        attempts = [r.attempts for r in peeked if r is not None]
+        print(
+            f"\ns3 outage: {len(ids)} jobs, outage {outage_s:.0f} s (at {before} results), retried "
+            f"{sum(1 for a in attempts if a > 1)} ({len(RETRY_LOGGED.findall(worker.log_path.read_bytes()))} retries "
+            f"logged, most attempts {max(attempts, default=0)}), lost {len(ids) - done}"
+        )
+        assert before < len(ids), "every job had finished before S3 stopped: nothing was retried mid-run"
+        assert done == len(ids), f"{len(ids) - done} jobs have no result; worker log:\n{worker.log_tail(60)}"
+        results = client.collect(ids, progress=False, timeout=30)
+        assert [(r.status, r.error) for r in results] == [("succeeded", None)] * len(ids)
+        assert [r.metadata["n"] for r in results] == [str(i) for i in range(len(ids))]
+        assert any(r.attempts > 1 for r in results)
+        stored = [read_result(client.s3, client.settings, i) for i in ids]
+        assert [(s.id, s.status) if s else None for s in stored] == [(i, "succeeded") for i in ids]
+    finally:
+        stack.stop_workers()
+        s3.stop()
