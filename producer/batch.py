@@ -108,12 +108,18 @@ class BatchStore:
 
     # -- producer side -------------------------------------------------------------------------------------------
     def begin(self, name: str, webhook: str | None) -> None:
-        """Start (or restart) submitting: the id list is rebuilt; counts of succeeded jobs are kept."""
+        """Start (or restart) submitting: ids, states and counts are rebuilt from what is sent now.
+
+        Jobs that already succeeded are counted again as they are skipped; jobs still queued from an earlier
+        submission are counted when they end.
+        """
+        if webhook and not webhook.startswith(("https://", "http://")):
+            raise ValueError(f"webhook {webhook!r}: give an https:// (or http://) URL")
         pipe = self.redis.pipeline()
         pipe.hsetnx(self.key(name), "created_at", _now())
         pipe.hset(self.key(name), mapping={"submitted": 0, "webhook": webhook or ""})
-        pipe.hdel(self.key(name), "ended_at", "cancelled_at", "total")
-        pipe.delete(self.key(name, "ids"))
+        pipe.hdel(self.key(name), "ended_at", "cancelled_at", "total", "running", "succeeded", "failed", "cancelled")
+        pipe.delete(self.key(name, "ids"), self.key(name, "state"), self.key(name, "failed"))
         pipe.execute()
 
     def states(self, name: str, job_ids: list[str]) -> list[str | None]:

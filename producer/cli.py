@@ -133,6 +133,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"vlmq worker: {exc}", file=sys.stderr)
             return EXIT_NO_RESULT
+        if str(overrides["device"] or "").startswith("cuda"):
+            overrides["device"] = "cuda:0"  # each child sees only its own GPU
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items() if v is not None and k != "metrics_port"]
         return Supervisor(gpus, flags, metrics_port=settings.metrics_port).run()
     run_worker(settings)
@@ -217,9 +219,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.batch_command == "status":
         return _batch_status(batch, args.watch, args.json)
     if args.batch_command == "results":
-        errors_path = args.errors or str(Path(args.output).with_suffix("")) + ".errors.jsonl"
-        with open(args.output, "w", encoding="utf-8") as out, open(errors_path, "w", encoding="utf-8") as errors:
-            ok, failed, missing = batch.results(out, errors)
+        output = Path(args.output)
+        errors_path = args.errors or str(output.with_suffix("")) + ".errors" + (output.suffix or ".jsonl")
+        try:
+            ok, failed, missing = batch.write_results(args.output, errors_path)
+        except RuntimeError as exc:
+            print(f"vlmq batch results: {exc}", file=sys.stderr)
+            return EXIT_NO_RESULT
         print(f"{ok} results to {args.output}, {failed} failures to {errors_path}", file=sys.stderr)
         if missing:
             print(f"{missing} jobs have no result yet: the batch is {batch.status().status}", file=sys.stderr)
@@ -361,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q = batch.add_parser("results", help="write one JobResult JSON line per job, in input order")
     q.add_argument("name")
-    q.add_argument("-o", "--output", required=True, help="JSONL of succeeded jobs")
+    q.add_argument("-o", "--output", required=True, help="succeeded jobs: .jsonl, or .parquet (needs pyarrow)")
     q.add_argument("--errors", help="JSONL of failed jobs (default OUTPUT without .jsonl + .errors.jsonl)")
     q = batch.add_parser("retry-failed", help="re-run the batch's failed jobs under their ids")
     q.add_argument("name")

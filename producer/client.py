@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -118,10 +119,22 @@ class BatchHandle:
         ids = list(failed)
         self.store.add_requeued(self.name, ids)
         for job_id in ids:
-            AsyncResult(job_id, app=self.client.celery).forget()
+            self.client.forget(job_id)
         self.client._send_many([(i, {**failed[i], "submitted_at": datetime.now(UTC).isoformat()}) for i in ids])
         self.store.submitted(self.name)
         return ids
+
+    def write_results(self, path: str, errors_path: str) -> tuple[int, int, int]:
+        """`results` into files: JSONL, or Parquet when `path` ends with `.parquet` (needs pyarrow)."""
+        if not path.endswith(".parquet"):
+            with open(path, "w", encoding="utf-8") as out, open(errors_path, "w", encoding="utf-8") as errors:
+                return self.results(out, errors)
+        out_parquet, errors_parquet = _ParquetLines(path), _ParquetLines(errors_path)
+        try:
+            return self.results(out_parquet, errors_parquet)  # type: ignore[arg-type]  # anything with write()
+        finally:
+            out_parquet.close()
+            errors_parquet.close()
 
     def results(self, out: IO[str], errors: IO[str] | None = None, chunk: int = 500) -> tuple[int, int, int]:
         """Write one JobResult JSON line per job in input order (failed ones to `errors` instead, when given).
@@ -133,7 +146,11 @@ class BatchHandle:
         backend: Any = self.client.celery.backend
         for ids in self.store.ids(self.name, chunk):
             metas = backend.client.mget([backend.get_key_for_task(i) for i in ids])
-            for job_id, raw in zip(ids, metas, strict=True):
+            states = self.store.states(self.name, ids)
+            for job_id, raw, state in zip(ids, metas, states, strict=True):
+                if state not in ("succeeded", "failed", "cancelled"):  # not ended in this run: an old result is stale
+                    counts[2] += 1
+                    continue
                 meta = backend.decode_result(raw) if raw else None
                 if meta is not None and meta.get("status") in _READY_STATES:
                     result: JobResult | None = _from_meta(job_id, meta["status"], meta["result"])
@@ -146,6 +163,63 @@ class BatchHandle:
                 target = out if result.ok or errors is None else errors
                 target.write(result.model_dump_json() + "\n")
         return counts[0], counts[1], counts[2]
+
+
+_PARQUET_FIELDS = (
+    "id",
+    "status",
+    "text",
+    "error_code",
+    "error_message",
+    "model",
+    "worker",
+    "attempts",
+    "batch_size",
+    "metadata",
+    "finished_at",
+)
+
+
+def _parquet_row(result: JobResult) -> dict[str, Any]:
+    """A JobResult flattened for Parquet: the error's code and message as columns, metadata as a JSON string."""
+    data = result.model_dump(mode="json")
+    error = data.pop("error") or {}
+    return {
+        **{k: data[k] for k in ("id", "status", "text", "model", "worker", "attempts", "batch_size", "finished_at")},
+        "error_code": error.get("code"),
+        "error_message": error.get("message"),
+        "metadata": json.dumps(data["metadata"]),
+    }
+
+
+class _ParquetLines:
+    """A `write(line)` target that collects JobResult JSON lines into a Parquet file, a row group per 10,000."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RuntimeError("Parquet output needs pyarrow: pip install 'vlmq[parquet]'") from None
+        self.pa = pa
+        fields = [(n, pa.int64() if n in ("attempts", "batch_size") else pa.string()) for n in _PARQUET_FIELDS]
+        self.schema = pa.schema(fields)
+        self.writer = pq.ParquetWriter(path, self.schema)
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, line: str) -> None:
+        self.rows.append(_parquet_row(JobResult.model_validate_json(line)))
+        if len(self.rows) >= 10_000:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(self.pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
 
 
 class Client:
@@ -252,7 +326,7 @@ class Client:
                     name,
                     ids,
                     requeued=[j.id for j, k, st in zip(validated, known, states, strict=True) if k is None and st],
-                    succeeded=[i for i, k, st in zip(ids, known, states, strict=True) if k == "succeeded" != st],
+                    succeeded=[i for i, k in zip(ids, known, strict=True) if k == "succeeded"],
                 )
                 now = datetime.now(UTC).isoformat()
                 self._send_many(
@@ -261,8 +335,10 @@ class Client:
                 skipped += len(part) - len(send)
                 bar.update(len(part))
                 bar.set_postfix(already_succeeded=skipped, refresh=False)
-        if self.batches.submitted(name):
-            self.batches.announce(name, self.settings.webhook_secret)
+        if self.batches.submitted(name):  # every job had already succeeded
+            posting = self.batches.announce(name, self.settings.webhook_secret)
+            if posting is not None:
+                posting.join(60)  # this process may exit right after: let the POST finish
         return BatchHandle(self, name)
 
     def _send_many(self, jobs: list[tuple[str, dict[str, Any]]]) -> None:
@@ -301,13 +377,17 @@ class Client:
             job_id = letter.result.id
             if wanted is not None and job_id not in wanted:
                 continue
-            self.ledger.forget(job_id)
-            AsyncResult(job_id, app=self.celery).forget()
-            if self.settings.results_bucket:
-                self.s3.delete_object(Bucket=self.settings.results_bucket, Key=self.settings.result_key(job_id))
+            self.forget(job_id)
             self.send_json(job_id, {**letter.job, "submitted_at": datetime.now(UTC).isoformat()})
             sent.append(job_id)
         return sent
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job's stored result (Redis and S3) and bookkeeping, before it runs again from the start."""
+        self.ledger.forget(job_id)
+        AsyncResult(job_id, app=self.celery).forget()
+        if self.settings.results_bucket:
+            self.s3.delete_object(Bucket=self.settings.results_bucket, Key=self.settings.result_key(job_id))
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """The result of a job: from Redis while it is kept there, else from S3; waits up to `timeout` seconds.

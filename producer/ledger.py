@@ -118,6 +118,13 @@ class Ledger:
             return retries + 1, False
         return int(starts), bool(done)
 
+    def succeeded(self, job_id: str) -> bool:
+        """Whether the job is known to have succeeded (False when Redis cannot be reached)."""
+        try:
+            return bool(self.redis.exists(f"vlmq:done:{job_id}"))
+        except redis.RedisError:
+            return False
+
     def finished(self, result: JobResult) -> None:
         """The job has its terminal result: forget its starts; remember a success."""
         try:

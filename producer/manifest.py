@@ -49,8 +49,9 @@ class InvalidManifest(ValueError):
 
 
 def stable_id(job: Job) -> str:
-    """A job id that depends only on what decides the job's output (not on when or by whom it is sent)."""
-    decisive = job.model_dump(mode="json", include={"task", "media", "question", "prompt", "messages"})
+    """A job id that depends only on what the job is (not on when or by whom it is sent): its media, task, text,
+    generation and video settings, and metadata (two lines differing only there are two jobs)."""
+    decisive = job.model_dump(mode="json", include={"task", "media", "question", "prompt", "messages", "metadata"})
     decisive.update(generation=job.generation.model_dump(mode="json"), video=job.video.model_dump(mode="json"))
     digest = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
     return f"j-{digest[:32]}"
@@ -99,6 +100,9 @@ def _csv(lines: Iterator[str], defaults: dict[str, Any], batch: str | None) -> I
         yield 1, f"the header must have a `uri` column and only {', '.join(CSV_COLUMNS)}; got {', '.join(header)}"
         return
     for row in reader:
+        if None in row:  # csv puts fields beyond the header under the key None
+            yield reader.line_num, f"{len(header) + len(row[None])} fields, but the header names {len(header)}"
+            continue
         fields: dict[str, Any] = {k: v for k, v in row.items() if v not in (None, "") and k != "uri" and k != "kind"}
         uri = row.get("uri") or ""
         fields["media"] = [{"uri": uri, "kind": row["kind"]} if row.get("kind") else uri]
@@ -148,7 +152,7 @@ def read_manifest(
     path = Path(source)
     if path.suffix.lower() not in (".jsonl", ".csv"):
         raise ValueError(f"{source}: a manifest is a .jsonl or .csv file, or an s3://bucket/prefix/")
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: a byte-order mark is not part of the header
         parse = _jsonl if path.suffix.lower() == ".jsonl" else _csv
         yield from parse(iter(handle), defaults, batch)
 
@@ -157,13 +161,17 @@ def validate_manifest(source: str, max_errors: int = 20, **options: Any) -> int:
     """Read the whole manifest; returns its job count, or raises `InvalidManifest` listing its bad lines."""
     errors: list[ManifestError] = []
     more = count = 0
+    first_line: dict[str, int] = {}  # job id -> line: a batch holds each job once
     for number, item in read_manifest(source, **options):
+        if not isinstance(item, str) and item.id in first_line:
+            item = f"job id {item.id!r} is also on line {first_line[item.id]}; give each line its own custom_id"
         if isinstance(item, str):
             if len(errors) < max_errors:
                 errors.append(ManifestError(number, item))
             else:
                 more += 1
         else:
+            first_line[item.id] = number
             count += 1
     if errors:
         raise InvalidManifest(source, errors, more)

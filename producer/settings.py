@@ -6,7 +6,7 @@ boto3's standard chain (environment, shared files, instance roles), never from h
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,7 +19,7 @@ class ClientSettings(BaseSettings):
     result_backend: str | None = Field(None, description="Celery result backend; defaults to the broker URL")
     queue: str = Field("vlmq", description="bulk queue: batches and client.run() send here; workers serve it second")
     interactive_queue: str = Field(
-        "vlmq-interactive", description="queue of single jobs (client.submit): workers take from it first"
+        "", description="queue of single jobs (client.submit), taken from first; default `<queue>-interactive`"
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset means AWS S3")
     s3_region: str | None = Field(None, description="S3 region; unset means boto3's default chain")
@@ -35,6 +35,13 @@ class ClientSettings(BaseSettings):
         None, description="key of the HMAC-SHA256 signature of batch webhooks (X-Vlmq-Signature)", repr=False
     )
     result_expires_s: int = Field(7 * 24 * 3600, ge=60, description="how long Redis keeps a result")
+
+    @model_validator(mode="after")
+    def _interactive_queue_follows_queue(self) -> ClientSettings:
+        # Deployments kept apart by VLMQ_QUEUE on one Redis must not share an interactive queue.
+        if not self.interactive_queue:
+            self.interactive_queue = f"{self.queue}-interactive"
+        return self
 
     @field_validator("results_prefix")
     @classmethod

@@ -55,12 +55,14 @@ def consumer_class(refused: Callable[[Message, Exception], None]) -> type[Consum
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
+    from producer.batch import BatchStore
     from producer.client import Client
     from worker.engine import Engine
     from worker.health import Health
     from worker.metrics import Metrics
     from worker.recovery import Recovery
-    from worker.tasks import refused_message_handler, register_tasks
+    from worker.tasks import count_in_batch, refused_message_handler, register_tasks
+    from worker.watchdog import EXIT_RESTART
 
     if not settings.results_bucket:
         log.warning(
@@ -78,8 +80,14 @@ def run_worker(settings: WorkerSettings) -> None:
     ledger = Ledger(settings)
     register_tasks(app, engine, ledger)
     app.conf.worker_consumer = consumer_class(refused_message_handler(app, engine, ledger))
-    producer = Client(settings)
-    recovery = Recovery(ledger, producer.send_json, settings.recover_interval_s, stored=producer.peek)
+    producer, batches = Client(settings), BatchStore(ledger.redis)
+    recovery = Recovery(
+        ledger,
+        producer.send_json,
+        settings.recover_interval_s,
+        stored=producer.peek,
+        ended=lambda job, result: count_in_batch(batches, settings.webhook_secret, job, result),
+    )
     worker_ready.connect(lambda **_: engine.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
     worker_shutting_down.connect(lambda **_: engine.metrics.ready.set(0), weak=False)
@@ -107,3 +115,5 @@ def run_worker(settings: WorkerSettings) -> None:
     finally:
         recovery.stop()
         engine.close()
+        if engine.restart_requested:  # a warm shutdown asked for by the worker itself: not a clean stop
+            raise SystemExit(EXIT_RESTART)

@@ -79,6 +79,7 @@ class Engine:
         self.results = ResultStore(s3, settings)
         self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.watchdog = Watchdog(settings.batch_timeout_s, exit_for_restart)
+        self.restart_requested = False
         self.batcher: Batcher[Prepared, Generated] = Batcher(
             self._run_batch, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
         )
@@ -120,6 +121,7 @@ class Engine:
         """Ask for a warm shutdown (SIGTERM to this process): running jobs finish, unstarted ones stay queued, and
         the supervisor starts a fresh process."""
         log.critical("%s: this worker stops taking jobs and exits after its running ones, to be restarted", reason)
+        self.restart_requested = True
         self.metrics.ready.set(0)
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -48,6 +48,8 @@ class Health:
         age = self.batch_age()
         if age is not None and age > self.stall_s:
             return False, f"a batch has run for {age:.0f} s, over VLMQ_LIVENESS_STALL_S={self.stall_s:g}"
+        if age is not None:  # a batch is running and not stalled: that says more than a probe beside it would
+            return True, "alive (running a batch)"
         if self.probe is None:
             return True, "loading the model"
         with self._lock:  # one probe at a time; answers within PROBE_EVERY_S reuse the last one

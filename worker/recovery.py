@@ -47,9 +47,11 @@ class Recovery:
         interval_s: float,
         clock: Callable[[], float] = time.time,
         stored: Callable[[str], JobResult | None] = lambda job_id: None,
+        ended: Callable[[dict[str, Any], JobResult], None] = lambda job, result: None,
     ) -> None:
         self.ledger = ledger
         self.stored = stored  # the job's result if one was stored (its end was not recorded: Redis was down)
+        self.ended = ended  # records such a job's end (its batch count)
         self.redis: redis.Redis = ledger.redis
         self.send = send
         self.interval_s = interval_s
@@ -80,11 +82,12 @@ class Recovery:
             raw = self.redis.hget(self.ledger.payloads_key, job_id)
             if raw is None:  # finished meanwhile
                 continue
+            entry = json.loads(raw)
             result = self.stored(job_id)
             if result is not None:  # it finished, but Redis was down when it recorded that
                 self.ledger.finished(result)
+                self.ended(entry["job"], result)
                 continue
-            entry = json.loads(raw)
             log.warning("job %s: its message was lost (a worker died receiving it); sending it again", job_id)
             self.send(job_id, entry["job"], entry.get("queue"), bool(entry.get("force")))
             resent.append(job_id)
@@ -92,22 +95,43 @@ class Recovery:
         return resent
 
     def _popped(self) -> list[str]:
-        """Pending jobs pushed before the message at the head of every queue list: they were popped since."""
+        """Pending jobs pushed before the message at the head of their queue's lists: they were popped since.
+
+        Each queue has its own cut-off, so a lost interactive job is found while the bulk queue holds a backlog.
+        """
+        bounds = {queue: self._bound(queue) for queue in self.ledger.settings.queues}
+        highest = max(bounds.values())
+        if highest == float("-inf"):
+            return []
+        upper = "+inf" if highest == float("inf") else f"({highest}"
+        scored: Any = self.redis.zrangebyscore(
+            self.ledger.pending_key, "-inf", upper, 0, _MOST_CANDIDATES, withscores=True
+        )
+        ids: list[tuple[str, float]] = [(i.decode() if isinstance(i, bytes) else str(i), float(n)) for i, n in scored]
+        entries = self.redis.hmget(self.ledger.payloads_key, [i for i, _ in ids]) if ids else []
+        lowest = min(bounds.values())
+        popped = []
+        for (job_id, score), raw in zip(ids, entries, strict=True):
+            queue = str(json.loads(raw).get("queue")) if raw else ""
+            if score < bounds.get(queue, lowest):
+                popped.append(job_id)
+        return popped
+
+    def _bound(self, queue: str) -> float:
+        """The sequence number of the next message of `queue` (-inf: unknown, so nothing; +inf: queue empty)."""
         pipe = self.redis.pipeline()
-        for name in self.lists:
+        for name in queue_lists(queue):
             pipe.lindex(name, -1)
         heads = [message_id(raw) for raw in pipe.execute() if raw is not None]
-        bound = float("inf")
-        if heads:
-            pipe = self.redis.pipeline()
-            for job_id in heads:
-                pipe.zscore(self.ledger.pending_key, job_id or "")
-            scores = pipe.execute()
-            if any(score is None for score in scores):  # not a job vlmq sent (or already finished): wait
-                return []
-            bound = min(scores)
-        popped = self.redis.zrangebyscore(self.ledger.pending_key, "-inf", f"({bound}", 0, _MOST_CANDIDATES)
-        return [p.decode() if isinstance(p, bytes) else str(p) for p in popped]
+        if not heads:
+            return float("inf")
+        pipe = self.redis.pipeline()
+        for job_id in heads:
+            pipe.zscore(self.ledger.pending_key, job_id or "")
+        scores = pipe.execute()
+        if any(score is None for score in scores):  # a message vlmq did not send (or already finished): wait
+            return float("-inf")
+        return float(min(scores))
 
     def _confirm(self, missing: list[str]) -> list[str]:
         """Of the jobs missing now, those also missing at an earlier sweep at least one interval ago."""
@@ -127,8 +151,10 @@ class Recovery:
 
     def _queued_ids(self) -> Iterator[str]:
         for name in self.lists:
-            for start in range(0, self.redis.llen(name), _SCAN_CHUNK):
-                yield from filter(None, map(message_id, self.redis.lrange(name, start, start + _SCAN_CHUNK - 1)))
+            start = 0
+            while page := self.redis.lrange(name, start, start + _SCAN_CHUNK - 1):  # to the end, even if it grew
+                yield from filter(None, map(message_id, page))
+                start += _SCAN_CHUNK
 
     # -- background thread ---------------------------------------------------------------------------------------
     def start(self) -> threading.Thread:

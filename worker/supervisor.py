@@ -27,6 +27,7 @@ HEALTHY_AFTER_S = 60.0  # a child that ran this long before exiting is restarted
 
 
 def parse_gpus(spec: str) -> list[str]:
+    # "all" counts the devices torch sees, i.e. within CUDA_VISIBLE_DEVICES.
     """`0,1,3` -> ["0", "1", "3"]; `all` -> every CUDA device torch sees."""
     if spec.strip() == "all":
         import torch
@@ -62,7 +63,13 @@ class Supervisor:
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     def child_env(self, index: int, gpu: str) -> dict[str, str]:
-        env = {**self.env, "CUDA_VISIBLE_DEVICES": gpu}
+        # GPU numbers count within what this process may see: with CUDA_VISIBLE_DEVICES=2,3 (Slurm, shared hosts),
+        # GPU 0 is physical device 2.
+        visible = [d.strip() for d in self.env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        device = visible[int(gpu)] if visible and int(gpu) < len(visible) else gpu
+        env = {**self.env, "CUDA_VISIBLE_DEVICES": device}
+        if env.get("VLMQ_DEVICE", "auto").startswith("cuda"):
+            env["VLMQ_DEVICE"] = "cuda:0"  # each child sees one GPU
         env.setdefault("VLMQ_WORKER_NAME", f"{socket.gethostname()}:gpu{gpu}")
         if self.metrics_port:
             env["VLMQ_METRICS_PORT"] = str(self.metrics_port + index)

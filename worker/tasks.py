@@ -7,6 +7,7 @@ result, and a job that was running when workers died `max_crashes` times is dead
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -36,6 +37,12 @@ def refused_message_handler(app: Celery, engine: Engine, ledger: Ledger) -> Call
     """
 
     def refused(message: Message, exc: Exception) -> None:
+        try:
+            record(message, exc)
+        except Exception:  # after Celery's ack: nothing may reach the consumer loop, it would stop the worker
+            log.exception("could not record the refusal of a message")
+
+    def record(message: Message, exc: Exception) -> None:
         headers = message.headers or {}
         task_id = headers.get("id")
         if headers.get("task") != TASK_NAME or not isinstance(task_id, str):
@@ -55,6 +62,20 @@ def refused_message_handler(app: Celery, engine: Engine, ledger: Ledger) -> Call
         engine.metrics.finished(result)
 
     return refused
+
+
+def count_in_batch(batches: BatchStore, secret: str | None, payload: Any, result: JobResult) -> None:
+    """Count the job's end in its batch (if it has one); the call that ends the batch announces it."""
+    batch = payload.get("batch") if isinstance(payload, dict) else None
+    if not isinstance(batch, str):
+        return
+    code = result.error.code if result.error else None
+    state: JobState = "succeeded" if result.ok else "cancelled" if code == "cancelled" else "failed"
+    try:
+        if batches.finished(batch, result.id, state, payload if state == "failed" else None):
+            batches.announce(batch, secret)
+    except redis.RedisError as exc:
+        log.error("job %s: could not count its end in batch %s (%s)", result.id, batch, exc)
 
 
 def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
@@ -90,10 +111,9 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
             if stored is not None and stored.ok:
                 log.info("job %s already succeeded; returning its stored result", task_id)
                 ledger.finished(stored)
-                count_in_batch(payload.get("batch") if isinstance(payload, dict) else None, stored, payload)
+                count_in_batch(batches, settings.webhook_secret, payload, stored)
                 return stored.model_dump(mode="json")
         dead = False
-        batch = None
         try:
             job = parse_job(payload, task_id)
         except InvalidJob as exc:
@@ -101,7 +121,7 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
             result = engine.failed(task_id, exc, attempts)
         else:
             batch = job.batch
-            if batch is not None and batches.cancelled(batch):
+            if batch is not None and batch_cancelled(batch):
                 result = engine.failed(
                     job.id, Cancelled(f"batch {batch} was cancelled before this job started"), attempts, job.metadata
                 )
@@ -114,8 +134,15 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
                 result, dead = engine.failed(job.id, error, attempts, job.metadata), True
             else:
                 if batch is not None:
-                    batches.started(batch, job.id)
+                    with contextlib.suppress(redis.RedisError):  # only the running count misses it
+                        batches.started(batch, job.id)
                 result, dead = run_job(task, job, attempts)
+                if not result.ok and ledger.succeeded(job.id):
+                    # Another copy of the job (a duplicate message) succeeded meanwhile: keep its result.
+                    stored = read_result(engine.results.s3, settings, job.id)
+                    if stored is not None and stored.ok:
+                        log.info("job %s: a copy failed but another succeeded; keeping the success", job.id)
+                        return stored.model_dump(mode="json")
         try:
             engine.results.write(result)
         except ResultWriteFailed as exc:
@@ -126,21 +153,16 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
         if dead:
             ledger.dead_letter(payload, result)
         ledger.finished(result)
-        count_in_batch(batch, result, payload)
+        count_in_batch(batches, settings.webhook_secret, payload, result)
         engine.metrics.finished(result)
         return result.model_dump(mode="json")
 
-    def count_in_batch(batch: Any, result: JobResult, payload: Any) -> None:
-        """Count the job's end in its batch; the call that ends the batch announces it (webhook, pub/sub)."""
-        if not isinstance(batch, str):
-            return
-        code = result.error.code if result.error else None
-        state: JobState = "succeeded" if result.ok else "cancelled" if code == "cancelled" else "failed"
+    def batch_cancelled(batch: str) -> bool:
         try:
-            if batches.finished(batch, result.id, state, payload if state == "failed" else None):
-                batches.announce(batch, settings.webhook_secret)
+            return batches.cancelled(batch)
         except redis.RedisError as exc:
-            log.error("job %s: could not count its end in batch %s (%s)", result.id, batch, exc)
+            log.warning("could not tell whether batch %s was cancelled (%s); running the job", batch, exc)
+            return False
 
     def run_job(task: Task, job: Any, attempts: int) -> tuple[JobResult, bool]:
         """The job's result, and whether it goes to the dead letters (retries exhausted)."""

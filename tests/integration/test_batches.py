@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import redis
 
 from producer import Job
@@ -93,6 +94,7 @@ def test_a_prefix_batch_runs_to_the_end_and_its_counts_match_the_results_files(s
         wait_until(lambda: len(received) == 1, 30, "the webhook")
         status = json.loads(vlmq(stack, "batch", "status", "shoes", "--json").stdout)
         results = vlmq(stack, "batch", "results", "shoes", "-o", str(tmp_path / "out.jsonl"))
+        as_parquet = vlmq(stack, "batch", "results", "shoes", "-o", str(tmp_path / "out.parquet"))
 
     assert watched.returncode == 1 and "shoes: completed_with_failures" in watched.stderr
     counts = {k: status[k] for k in ("status", "total", "queued", "running", "succeeded", "failed", "cancelled")}
@@ -114,6 +116,11 @@ def test_a_prefix_batch_runs_to_the_end_and_its_counts_match_the_results_files(s
     }
     assert failed_media == {f"s3://{MEDIA_BUCKET}/shoes/{i:03d}.png" for i in corrupt}
     assert [(r["status"], r["error"]["code"]) for r in errors] == [("failed", "media_undecodable")] * 5
+    assert as_parquet.returncode == 0, as_parquet.stderr
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    failures = pq.read_table(tmp_path / "out.errors.parquet").to_pylist()
+    assert [(r["id"], r["text"], r["attempts"]) for r in table] == [(r["id"], r["text"], r["attempts"]) for r in out]
+    assert [(r["id"], r["error_code"]) for r in failures] == [(r["id"], "media_undecodable") for r in errors]
     # input order: the listing's key order
     jobs = [
         j

@@ -83,7 +83,7 @@ def test_a_hung_decoder_fails_its_job_and_the_worker_drains_and_exits(stack: Sta
     result = hung.result(timeout=60)
     assert (result.status, result.error and result.error.code) == ("failed", "media_undecodable")
     assert "VLMQ_MAX_DECODE_S=2 s" in (result.error.message if result.error else "")
-    assert worker.proc.wait(60) == 0  # a warm shutdown: nothing was running any more
+    assert worker.proc.wait(60) == EXIT_RESTART  # after a warm shutdown: nothing was running any more
     stack.start_worker("--max-batch-size", "2")
     assert [r.status for r in client.run([Job(media=[u], max_new_tokens=4) for u in uris], progress=False)] == [
         "succeeded",
