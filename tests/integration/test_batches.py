@@ -180,6 +180,14 @@ def test_an_interrupted_batch_resumed_runs_no_succeeded_job_twice(stack: Stack, 
     lines = jsonl(tmp_path / "out.jsonl")
     assert [line["id"] for line in lines] == [i for ids in client.batches.ids("resume") for i in ids]
 
+    # The same jobs run without interruption (other ids: their metadata differs) give the same texts, line by line.
+    again = read_manifest(prefix, s3=client.s3, defaults={"max_new_tokens": 2, "metadata": {"run": "2"}})
+    client.submit_batch("uninterrupted", (j for _, j in again), progress=False)
+    wait_until(lambda: client.batch("uninterrupted").status().status == "completed", 180, "the uninterrupted batch")
+    with (tmp_path / "uninterrupted.jsonl").open("w") as out:
+        assert client.batch("uninterrupted").results(out) == (120, 0, 0)
+    assert [line["text"] for line in jsonl(tmp_path / "uninterrupted.jsonl")] == [line["text"] for line in lines]
+
 
 def test_a_cancelled_batch_ends_its_unstarted_jobs_cancelled_without_model_work(stack: Stack) -> None:
     upload_prefix(stack, "cancel", 30, corrupt=set())
