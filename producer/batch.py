@@ -127,19 +127,23 @@ class BatchStore:
 
     def add(self, name: str, job_ids: list[str], requeued: list[str], succeeded: list[str]) -> None:
         """Append ids in input order; `requeued` jobs (re-sent) lose their old state, `succeeded` (skipped) get one."""
-        pipe = self.redis.pipeline()
-        pipe.rpush(self.key(name, "ids"), *job_ids)
-        pipe.execute()
-        for job_id in requeued:
-            self._move(keys=self._keys(name), args=[job_id, "", "", _now()])
-        for job_id in succeeded:
-            self._move(keys=self._keys(name), args=[job_id, "succeeded", "", _now()])
+        self.redis.rpush(self.key(name, "ids"), *job_ids)
+        self._move_all(name, requeued, "")
+        self._move_all(name, succeeded, "succeeded")
 
     def add_requeued(self, name: str, job_ids: list[str]) -> None:
         """Jobs of the batch sent again (retry-failed): they lose their state until they end again."""
         self.redis.hdel(self.key(name), "ended_at")
+        self._move_all(name, job_ids, "")
+
+    def _move_all(self, name: str, job_ids: list[str], state: str) -> None:
+        """Give every job `state` ("" = none), in one round trip."""
+        if not job_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            self._move(keys=self._keys(name), args=[job_id, "", "", _now()])
+            self._move(keys=self._keys(name), args=[job_id, state, "", _now()], client=pipe)
+        pipe.execute()
 
     def submitted(self, name: str) -> bool:
         """Submitting is over; returns True if every job had already ended (the batch ends now)."""

@@ -60,16 +60,18 @@ class Ledger:
 
     def sent(self, job_id: str, job: dict[str, Any], queue: str, force: bool = False) -> None:
         """Record a job about to be pushed to `queue` (raises if Redis is down: the push would fail too)."""
-        entry = json.dumps({"job": job, "queue": queue, "force": force})
-        self._sequence(keys=self._sequence_keys, args=[job_id, entry, 1])
+        self._record(job_id, job, queue, force, self.redis)
 
     def sent_many(self, jobs: list[tuple[str, dict[str, Any]]], queue: str) -> None:
         """`sent` for many jobs in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, job in jobs:
-            entry = json.dumps({"job": job, "queue": queue, "force": False})
-            self._sequence(keys=self._sequence_keys, args=[job_id, entry, 1], client=pipe)
+            self._record(job_id, job, queue, False, pipe)
         pipe.execute()
+
+    def _record(self, job_id: str, job: dict[str, Any], queue: str, force: bool, client: Any) -> None:
+        entry = json.dumps({"job": job, "queue": queue, "force": force})
+        self._sequence(keys=self._sequence_keys, args=[job_id, entry, 1], client=client)
 
     def known_many(self, job_ids: list[str]) -> list[str | None]:
         """For each job: "succeeded" (its result is stored), "pending" (sent and not finished), or None."""

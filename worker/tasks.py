@@ -107,8 +107,8 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
         # A start more than its retries explain also means an earlier copy may have finished (its end was not
         # recorded: Redis was down), and the lost-message recovery sent it again.
         if (redelivered or succeeded_before or crashes > 0) and not force:
-            stored = read_result(engine.results.s3, settings, task_id)
-            if stored is not None and stored.ok:
+            stored = stored_success(task_id)
+            if stored is not None:
                 log.info("job %s already succeeded; returning its stored result", task_id)
                 ledger.finished(stored)
                 count_in_batch(batches, settings.webhook_secret, payload, stored)
@@ -139,8 +139,8 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
                 result, dead = run_job(task, job, attempts)
                 if not result.ok and ledger.succeeded(job.id):
                     # Another copy of the job (a duplicate message) succeeded meanwhile: keep its result.
-                    stored = read_result(engine.results.s3, settings, job.id)
-                    if stored is not None and stored.ok:
+                    stored = stored_success(job.id)
+                    if stored is not None:
                         log.info("job %s: a copy failed but another succeeded; keeping the success", job.id)
                         return stored.model_dump(mode="json")
         try:
@@ -156,6 +156,11 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
         count_in_batch(batches, settings.webhook_secret, payload, result)
         engine.metrics.finished(result)
         return result.model_dump(mode="json")
+
+    def stored_success(job_id: str) -> JobResult | None:
+        """The job's result in S3 if it succeeded (the commit point of a success)."""
+        stored = read_result(engine.results.s3, settings, job_id)
+        return stored if stored is not None and stored.ok else None
 
     def batch_cancelled(batch: str) -> bool:
         try:
