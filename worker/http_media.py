@@ -9,7 +9,9 @@ A job names the URL, so without a guard any producer could make a worker read it
   connection goes to that checked address, so a second DNS answer (DNS rebinding) cannot swap it; https still
   verifies the certificate against the host name;
 - redirects are followed here, at most 5, each checked the same way;
-- the body is streamed and cut off past VLMQ_MAX_MEDIA_BYTES, whatever Content-Length says.
+- the body is streamed and cut off past VLMQ_MAX_MEDIA_BYTES, whatever Content-Length says;
+- one download (redirects, connects and body together) gets VLMQ_HTTP_DEADLINE_S: VLMQ_HTTP_TIMEOUT_S bounds
+  each socket read, so without it a server sending a byte every few seconds would hold a task slot forever.
 
 Any port is allowed: the address check, not the port, is what keeps internal services out.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from urllib.parse import urljoin, urlsplit
@@ -95,17 +98,18 @@ class HttpFetcher:
 
     def fetch(self, uri: str) -> bytes:
         """The body of `uri`, following redirects; every refusal or failure is a coded `MediaError`."""
+        deadline = time.monotonic() + self.settings.http_deadline_s
         url = uri
         for _ in range(MAX_REDIRECTS + 1):
-            response = self._get(uri, url)
+            response = self._get(uri, url, deadline)
             location = response.get_redirect_location()
             if not location:
-                return self._read(uri, url, response)
+                return self._read(uri, url, response, deadline)
             _discard(response)
             url = urljoin(url, location)
         raise MediaForbidden(f"{uri}: too many redirects (more than {MAX_REDIRECTS})")
 
-    def _get(self, uri: str, url: str) -> urllib3.BaseHTTPResponse:
+    def _get(self, uri: str, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
         where = uri if url == uri else f"{uri} redirects to {url}, and that"
         parts = urlsplit(url)
         self._check_scheme(uri, url, parts.scheme.lower())
@@ -126,19 +130,26 @@ class HttpFetcher:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for i, address in enumerate(addresses):
             pool = self.pools.connection_from_host(address, port, scheme, pool_kwargs=tls)
+            timeout = self._timeout(where, deadline)
             try:
                 return pool.urlopen(
-                    "GET", target, headers=headers, redirect=False, retries=False, preload_content=False
+                    "GET",
+                    target,
+                    headers=headers,
+                    timeout=timeout,
+                    redirect=False,
+                    retries=False,
+                    preload_content=False,
                 )
             except ConnectTimeoutError as exc:  # refused or timed out; the host's next address may answer
                 if i == len(addresses) - 1:
-                    raise MediaUnavailable(f"{where} could not be reached: {exc}") from None
+                    raise self._failed(where, deadline, f"{where} could not be reached: {exc}") from None
             except SSLError as exc:
                 if isinstance(exc.args[0] if exc.args else None, ssl.SSLCertVerificationError | CertificateError):
                     raise MediaForbidden(f"{where} has a TLS certificate this worker does not trust: {exc}") from None
-                raise MediaUnavailable(f"{where} failed during the TLS handshake: {exc}") from None
+                raise self._failed(where, deadline, f"{where} failed during the TLS handshake: {exc}") from None
             except HTTPError as exc:
-                raise MediaUnavailable(f"{where} failed: {exc}") from None
+                raise self._failed(where, deadline, f"{where} failed: {exc}") from None
         raise AssertionError("unreachable: _resolve returns at least one address")
 
     def _check_scheme(self, uri: str, url: str, scheme: str) -> None:
@@ -171,7 +182,29 @@ class HttpFetcher:
             raise MediaNotFound(f"{where} names a host with no address ({host})")
         return addresses
 
-    def _read(self, uri: str, url: str, response: urllib3.BaseHTTPResponse) -> bytes:
+    def _time_left(self, where: str, deadline: float) -> float:
+        """Seconds until `deadline` (a `time.monotonic()` instant); none left fails the download, retryably."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._failed(where, deadline, "")
+        return left
+
+    def _failed(self, where: str, deadline: float, message: str) -> MediaUnavailable:
+        """A failure with `message`, unless the deadline has passed: then the timeout was the deadline's doing."""
+        if time.monotonic() < deadline:
+            return MediaUnavailable(message)
+        return MediaUnavailable(
+            f"{where} did not finish downloading within {self.settings.http_deadline_s:g} s, the limit on one "
+            "whole download (VLMQ_HTTP_DEADLINE_S): the server is slow or stalling. Raise VLMQ_HTTP_DEADLINE_S "
+            "if large media from slow servers is expected, or put the object in S3 and send s3://bucket/key"
+        )
+
+    def _timeout(self, where: str, deadline: float) -> urllib3.Timeout:
+        """VLMQ_HTTP_TIMEOUT_S for the next connect and each read, but never past the deadline."""
+        seconds = min(self.settings.http_timeout_s, self._time_left(where, deadline))
+        return urllib3.Timeout(connect=seconds, read=seconds)
+
+    def _read(self, uri: str, url: str, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
         from worker.media import too_large  # media imports this module
 
         where = uri if url == uri else f"{uri} (redirected to {url})"
@@ -183,8 +216,12 @@ class HttpFetcher:
                 raise MediaTooLarge(too_large(uri, int(declared), limit))
             chunks: list[bytes] = []
             size = 0
+            sock = getattr(response.connection, "sock", None)
             while size <= limit:  # stops at limit + 1 bytes: a body that never ends is not read to its end
-                chunk = response.read(min(CHUNK_BYTES, limit + 1 - size))
+                if sock is not None:  # urllib3 sets the socket's timeout once per request; the deadline moves on
+                    sock.settimeout(min(self.settings.http_timeout_s, self._time_left(where, deadline)))
+                # read1, not read: read(n) waits for all n bytes, so a trickle would never come back to this check
+                chunk = response.read1(min(CHUNK_BYTES, limit + 1 - size))
                 if not chunk:
                     break
                 chunks.append(chunk)
@@ -193,7 +230,7 @@ class HttpFetcher:
                 raise MediaTooLarge(f"{uri} is more than {limit:,} bytes, the limit (VLMQ_MAX_MEDIA_BYTES)")
         except HTTPError as exc:
             _discard(response)
-            raise MediaUnavailable(f"{where} failed while sending its body: {exc}") from None
+            raise self._failed(where, deadline, f"{where} failed while sending its body: {exc}") from None
         except BaseException:
             _discard(response)
             raise

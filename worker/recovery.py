@@ -8,6 +8,10 @@ of the queue" means "already popped". Such a job whose message is neither unackn
 nor back in a queue list, on two sweeps at least `recover_interval_s` apart, was lost: it is sent again under its
 own id. Sending twice is harmless where it could happen (the stored S3 result is returned), losing is not.
 
+Every time stored or compared comes from Redis (`TIME`), not the sweeping host: sweeps run on whichever worker
+holds the lock, and a host whose clock runs ahead would otherwise confirm a job missing before a whole interval
+has passed, sending again a message that was only slow to reach `unacked`.
+
 One worker at a time sweeps (a Redis lock per queue). A sweep costs one read of the queue heads, of the pending
 jobs popped so far and of the unacknowledged messages; only a confirmed-missing job makes it read whole queue
 lists, to tell a message pushed back to the tail (`reject(requeue=True)`, warm shutdown) from a lost one.
@@ -18,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,7 +48,7 @@ class Recovery:
         ledger: Ledger,
         send: Send,
         interval_s: float,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         stored: Callable[[str], JobResult | None] = lambda job_id: None,
         ended: Callable[[dict[str, Any], JobResult], None] = lambda job, result: None,
     ) -> None:
@@ -55,7 +58,7 @@ class Recovery:
         self.redis: redis.Redis = ledger.redis
         self.send = send
         self.interval_s = interval_s
-        self.clock = clock
+        self.clock = clock or self._redis_time  # tests pass their own to step time
         queue = ledger.settings.queue
         self.lists = [name for q in ledger.settings.queues for name in queue_lists(q)]
         self.missing_key = f"vlmq:missing:{queue}"
@@ -148,6 +151,11 @@ class Recovery:
                 pipe.hset(self.missing_key, job_id, now)
         pipe.execute()
         return [job_id for job_id in missing if job_id in seen and now - seen[job_id] >= self.interval_s]
+
+    def _redis_time(self) -> float:
+        """Seconds since the epoch by the Redis server's clock: the one clock every worker host shares."""
+        seconds, microseconds = self.redis.time()
+        return seconds + microseconds / 1_000_000
 
     def _queued_ids(self) -> Iterator[str]:
         for name in self.lists:

@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,10 +31,11 @@ from worker.settings import WorkerSettings
 BODY = bytes(range(256)) * 400  # 102,400 bytes
 LIMIT = 200_000
 ALLOWED = "127.0.0.2"
+TRICKLE_S, TRICKLE_BYTES = 0.1, 3000  # one byte every 0.1 s: 5 minutes for the whole body
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Routes: /…/cat.jpg, /chunked, /big, /endless, /status/N, /redirect?to=URL, /hops/N, /loop."""
+    """Routes: /…/cat.jpg, /chunked, /big, /endless, /status/N, /redirect?to=URL, /[slow/]hops/N, /loop, /trickle*."""
 
     protocol_version = "HTTP/1.1"
     server: MediaServer
@@ -57,11 +59,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send(int(path.rsplit("/", 1)[1]), b"no")
         elif path.endswith("/redirect"):
             self.redirect(parse_qs(parts.query)["to"][0])
-        elif path.startswith("/hops/"):
+        elif path.startswith(("/hops/", "/slow/hops/")):
+            if path.startswith("/slow/"):  # each hop answers well within the read timeout, all of them together do not
+                time.sleep(TRICKLE_S * 4)
             left = int(path.rsplit("/", 1)[1])
-            self.redirect(f"/hops/{left - 1}" if left else "/cat.jpg")
+            self.redirect(str(left - 1) if left else "/cat.jpg")
         elif path == "/loop":
             self.redirect("/loop")
+        elif path.startswith("/trickle"):
+            self.send_trickle(chunked=path.endswith("-chunked"))
         else:
             self.send(404, b"unknown route")
 
@@ -92,6 +98,25 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             self.send_chunked(forever())
+        except OSError:  # the client hung up: what the test wants
+            self.close_connection = True
+
+    def send_trickle(self, chunked: bool) -> None:
+        """One byte every TRICKLE_S: each read is far inside the read timeout, the whole body takes minutes."""
+
+        def trickle() -> Iterator[bytes]:
+            for byte in BODY[:TRICKLE_BYTES]:
+                time.sleep(TRICKLE_S)
+                yield bytes([byte])
+
+        try:
+            if chunked:
+                self.send_chunked(trickle())
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(TRICKLE_BYTES))
+            self.end_headers()
+            self.wfile.writelines(trickle())  # wfile is unbuffered: each byte goes out on its own
         except OSError:  # the client hung up: what the test wants
             self.close_connection = True
 
@@ -228,6 +253,27 @@ def test_http_statuses_map_to_error_codes(base: str, status: int, code: str, ret
     exc = refused(f"{base}/status/{status}")
     assert (exc.code, exc.retryable) == (code, retryable)
     assert fragment in exc.message
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-chunked"])
+def test_a_trickling_body_fails_retryably_at_the_download_deadline(base: str, path: str) -> None:
+    started = time.monotonic()
+    exc = refused(f"{base}{path}", HttpFetcher(settings(http_deadline_s=1.0)))
+    assert (exc.code, exc.retryable) == ("media_unavailable", True)
+    assert exc.message.startswith(f"{base}{path} did not finish downloading within 1 s")
+    assert "Raise VLMQ_HTTP_DEADLINE_S" in exc.message
+    assert time.monotonic() - started < 20  # the 10 s read timeout never fires: only the deadline ended it
+
+
+@pytest.mark.timeout(60)
+def test_the_download_deadline_spans_all_redirects(base: str) -> None:
+    exc = refused(f"{base}/slow/hops/4", HttpFetcher(settings(http_deadline_s=1.0)))
+    assert (exc.code, exc.retryable) == ("media_unavailable", True)
+    assert exc.message.startswith(f"{base}/slow/hops/4 redirects to {base}/slow/hops/")
+    assert (
+        "did not finish downloading within 1 s, the limit on one whole download (VLMQ_HTTP_DEADLINE_S)" in exc.message
+    )
 
 
 def test_a_redirect_to_an_error_names_both_urls(base: str) -> None:
