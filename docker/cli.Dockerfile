@@ -12,7 +12,8 @@ WORKDIR /opt/vlmq
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-cache-dir . \
+# Flower, for `celery -A producer.celery_app flower` (compose's flower profile); `inspect` and `events` need only vlmq.
+RUN pip install --no-cache-dir . "flower>=2.0.1,<3" \
     && groupadd --system --gid 10001 vlmq \
     && useradd --system --uid 10001 --gid vlmq --no-create-home vlmq
 
