@@ -375,8 +375,8 @@ class Client:
         sent = []
         for letter in self.dead_letters():
             job_id = letter.result.id
-            if wanted is not None and job_id not in wanted:
-                continue
+            if letter.message is not None or (wanted is not None and job_id not in wanted):
+                continue  # a message with no usable id carries no job to run again
             self.forget(job_id)
             self.send_json(job_id, {**letter.job, "submitted_at": datetime.now(UTC).isoformat()})
             sent.append(job_id)

@@ -4,9 +4,14 @@
   leaves it counted; the redelivered copy sees one start more than its Celery retries explain: a crash.
 - `vlmq:done:<id>`: set when the job succeeded, so that a redelivered or resubmitted copy returns the stored
   result instead of running again (kept as long as results are kept).
+- `vlmq:receipts:<id>`: how many times a worker received the job's message again (kombu's `redelivered`) without
+  it reaching a task thread since: a message that kills the consumer itself, before any job starts, counts here.
+- `vlmq:seen:<id>`: when a worker first saw a job that came without `submitted_at` (another language's client),
+  so that TTLs hold for it too.
 - `vlmq:dead-letters:<queue>`: hash of job id -> {"job": the job JSON, "result": its failed JobResult}, for jobs
   that exhausted their retries or kept killing workers. `vlmq dead-letters` lists it; `vlmq retry-failed`
-  re-enqueues them with the same ids.
+  re-enqueues them with the same ids. A message with no usable task id is kept there too, under
+  `message:<uuid>`, with a bounded copy of its headers and body in "message" (it has no job to retry).
 - `vlmq:pending:<queue>` (sorted set, job id -> sequence number) and `vlmq:payloads:<queue>` (hash, job id ->
   {"job": ..., "queue": ..., "force": ...}): every job sent and not yet finished, to either queue (keys are named
   after the bulk queue). The sequence number is taken from `vlmq:seq:<queue>` just before the message is pushed,
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -27,6 +33,8 @@ from producer.jobs import JobResult
 from producer.settings import ClientSettings
 
 log = logging.getLogger(__name__)
+
+MAX_DEAD_LETTERS = 100_000
 
 # KEYS: seq counter, pending zset, payloads hash. ARGV: job id, payload (when sent), 1 = sent / 0 = requeued.
 # A requeued job that is no longer pending (it finished meanwhile) is left alone.
@@ -41,10 +49,12 @@ return seq
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A job that ended failed after exhausting its retries or crashing workers."""
+    """A job that ended failed after exhausting its retries or crashing workers, or a message with no usable id
+    (`message` holds a bounded copy of it; `job` is empty)."""
 
     job: dict[str, Any]
     result: JobResult
+    message: dict[str, Any] | None = None
 
 
 class Ledger:
@@ -96,10 +106,15 @@ class Ledger:
     def _sequence_keys(self) -> list[str]:
         return [f"vlmq:seq:{self.settings.queue}", self.pending_key, self.payloads_key]
 
-    def starts(self, job_id: str) -> int:
-        """Starts of the job counted so far in its current run (0 when unknown or Redis cannot be reached)."""
+    def taken(self, job_id: str) -> int:
+        """A redelivered message reached a task thread: it is not what kills consumers (its receipts are
+        forgotten). Returns the job's starts counted so far in its current run (0 when unknown or Redis cannot be
+        reached)."""
         try:
-            return int(self.redis.get(f"vlmq:deliveries:{job_id}") or 0)
+            pipe = self.redis.pipeline()
+            pipe.get(f"vlmq:deliveries:{job_id}")
+            pipe.delete(f"vlmq:receipts:{job_id}")
+            return int(pipe.execute()[0] or 0)
         except redis.RedisError:
             return 0
 
@@ -120,6 +135,32 @@ class Ledger:
             return retries + 1, False
         return int(starts), bool(done)
 
+    def received_again(self, job_id: str) -> int:
+        """Count a redelivered receipt of the job's message; returns the count since the job last started (0 when
+        Redis cannot be reached)."""
+        key = f"vlmq:receipts:{job_id}"
+        try:
+            pipe = self.redis.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, self.settings.result_expires_s)
+            return int(pipe.execute()[0])
+        except redis.RedisError as exc:
+            log.warning("job %s: could not count its redelivery in Redis (%s)", job_id, exc)
+            return 0
+
+    def first_seen(self, job_id: str, now: datetime) -> datetime:
+        """When a worker first saw the job (`now`, the first time it is asked; `now` when Redis cannot be reached)."""
+        key = f"vlmq:seen:{job_id}"
+        try:
+            pipe = self.redis.pipeline()
+            pipe.set(key, now.isoformat(), nx=True, ex=self.settings.result_expires_s)
+            pipe.get(key)
+            seen = pipe.execute()[1]
+        except redis.RedisError as exc:
+            log.warning("job %s: could not read when it was first seen (%s)", job_id, exc)
+            return now
+        return datetime.fromisoformat(seen.decode()) if seen else now
+
     def succeeded(self, job_id: str) -> bool:
         """Whether the job is known to have succeeded (False when Redis cannot be reached)."""
         try:
@@ -131,7 +172,7 @@ class Ledger:
         """The job has its terminal result: forget its starts; remember a success."""
         try:
             pipe = self.redis.pipeline()
-            pipe.delete(f"vlmq:deliveries:{result.id}")
+            pipe.delete(f"vlmq:deliveries:{result.id}", f"vlmq:receipts:{result.id}", f"vlmq:seen:{result.id}")
             pipe.zrem(self.pending_key, result.id)
             pipe.hdel(self.payloads_key, result.id)
             if result.ok:
@@ -148,12 +189,22 @@ class Ledger:
         except redis.RedisError as exc:
             log.error("job %s: could not add it to %s (%s); its failed result is stored", result.id, self.dead_key, exc)
 
+    def dead_message(self, message: dict[str, Any], result: JobResult) -> bool:
+        """Keep a message that has no usable task id (`result.id` is `message:<uuid>`) in the dead letters, while
+        they hold fewer than MAX_DEAD_LETTERS entries (a flood of junk must not fill Redis). Returns whether kept."""
+        if self.redis.hlen(self.dead_key) >= MAX_DEAD_LETTERS:
+            return False
+        payload = json.dumps({"job": {}, "message": message, "result": result.model_dump(mode="json")})
+        self.redis.hset(self.dead_key, result.id, payload)
+        return True
+
     def dead_letters(self) -> list[DeadLetter]:
         """The queue's dead letters, oldest failure first."""
         letters = []
         for raw in self.redis.hvals(self.dead_key):
             entry = json.loads(raw)
-            letters.append(DeadLetter(job=entry["job"], result=JobResult.model_validate(entry["result"])))
+            result = JobResult.model_validate(entry["result"])
+            letters.append(DeadLetter(job=entry["job"], result=result, message=entry.get("message")))
         return sorted(letters, key=lambda d: d.result.finished_at)
 
     def forget(self, job_id: str) -> None:
@@ -162,5 +213,5 @@ class Ledger:
         pipe.hdel(self.dead_key, job_id)
         pipe.zrem(self.pending_key, job_id)
         pipe.hdel(self.payloads_key, job_id)
-        pipe.delete(f"vlmq:deliveries:{job_id}", f"vlmq:done:{job_id}")
+        pipe.delete(*(f"vlmq:{kind}:{job_id}" for kind in ("deliveries", "done", "receipts", "seen")))
         pipe.execute()

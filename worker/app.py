@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
-from celery.worker.consumer import Consumer
-from kombu.message import Message
+from celery.worker import state as worker_state
 
+from producer.broker import queue_lists
 from producer.celery_config import celery_config
 from producer.ledger import Ledger
 from worker.settings import WorkerSettings
@@ -33,46 +32,24 @@ def create_app(settings: WorkerSettings) -> Celery:
         result_backend_base_sleep_between_retries_ms=100,
         result_backend_max_sleep_between_retries_ms=5000,
         worker_hijack_root_logger=False,
+        # Celery sends task events only when asked (-E): on by default so `celery events` and Flower see jobs
+        # without a `celery control enable_events` after every worker start.
+        worker_send_task_events=settings.task_events,
     )
     return app
-
-
-def consumer_class(refused: Callable[[Message, Exception], None]) -> type[Consumer]:
-    """Celery's consumer, but a task message it cannot decode is also handed to `refused` (after Celery's own
-    handling: logged, and removed from the queue), and a broken broker connection that fails to close does not
-    stop the worker."""
-
-    class VlmqConsumer(Consumer):
-        def on_connection_error_after_connected(self, exc: Exception) -> None:
-            try:
-                super().on_connection_error_after_connected(exc)
-            except AttributeError as error:
-                # kombu 5.7 race, seen once in ~15 Redis restarts: closing the lost channel restores its unacked
-                # messages through a client it has already dropped ("'NoneType' object has no attribute
-                # 'hostname'"). Celery would call that unrecoverable and stop the worker with status 0. The
-                # messages stay in the unacknowledged hash and come back after the visibility timeout.
-                log.warning("closing the lost broker connection failed (%s); reconnecting anyway", error)
-
-        def on_decode_error(self, message: Message, exc: Exception) -> None:  # body is not valid JSON
-            super().on_decode_error(message, exc)
-            refused(message, exc)
-
-        def on_invalid_task(self, body: Any, message: Message, exc: Exception) -> None:  # e.g. a pickle message
-            super().on_invalid_task(body, message, exc)
-            refused(message, exc)
-
-    return VlmqConsumer
 
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
     from producer.batch import BatchStore
     from producer.client import Client
+    from worker.consumer import Intake, consumer_class, tolerate_unreadable_envelopes
     from worker.engine import Engine
+    from worker.gate import Deadlines
     from worker.health import Health
     from worker.metrics import Metrics
     from worker.recovery import Recovery
-    from worker.tasks import count_in_batch, refused_message_handler, register_tasks
+    from worker.tasks import count_in_batch, refusal_recorder, register_tasks
     from worker.watchdog import EXIT_RESTART
 
     if not settings.results_bucket:
@@ -89,8 +66,19 @@ def run_worker(settings: WorkerSettings) -> None:
     health.probe = engine.model.probe
     app = create_app(settings)
     ledger = Ledger(settings)
-    register_tasks(app, engine, ledger)
-    app.conf.worker_consumer = consumer_class(refused_message_handler(app, engine, ledger))
+    deadlines = Deadlines()
+    register_tasks(app, engine, ledger, deadlines, health.progressed)
+    intake = Intake(
+        ledger,
+        refusal_recorder(app, engine, ledger),
+        max_bytes=settings.max_message_bytes,
+        max_crashes=settings.max_crashes,
+        faults=engine.faults,
+        deadlines=deadlines,
+        progressed=health.progressed,
+    )
+    app.conf.worker_consumer = consumer_class(intake)
+    tolerate_unreadable_envelopes()
     producer, batches = Client(settings), BatchStore(ledger.redis)
     recovery = Recovery(
         ledger,
@@ -99,6 +87,23 @@ def run_worker(settings: WorkerSettings) -> None:
         stored=producer.peek,
         ended=lambda job, result: count_in_batch(batches, settings.webhook_secret, job, result),
     )
+    lists = [name for queue in settings.queues for name in queue_lists(queue)]
+    # Its own client, with short timeouts: a slow Redis must not make the probe itself time out (a restart would
+    # not help; the consumer reconnects by itself).
+    probe_redis = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+
+    def waiting() -> int:  # queued for this worker, or held by it and not started
+        pipe = probe_redis.pipeline(transaction=False)
+        for name in lists:
+            pipe.llen(name)
+        return sum(pipe.execute()) + len(worker_state.reserved_requests - worker_state.active_requests)
+
+    def consuming() -> None:
+        health.progressed()
+        health.waiting = waiting
+        health.reading_since = lambda: intake.busy_since
+
+    worker_ready.connect(lambda **_: consuming(), weak=False)
     worker_ready.connect(lambda **_: engine.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
     worker_shutting_down.connect(lambda **_: engine.metrics.ready.set(0), weak=False)

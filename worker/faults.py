@@ -9,7 +9,10 @@
 - `device_error_over_tokens`: `generate` raises a sticky CUDA error (torch.AcceleratorError) for such a batch;
 - `hang_over_tokens`: `generate` never returns for such a batch, as a hung kernel would;
 - `decode_hang_on`: decoding a video whose URI contains this string never returns;
-- `load_delay_s`: loading the model takes this much longer (to observe a worker that is not ready yet).
+- `load_delay_s`: loading the model takes this much longer (to observe a worker that is not ready yet);
+- `crash_on_message`: a message whose raw body contains this string kills the worker with SIGKILL while its
+  consumer reads it, before any job starts (a message that crashes the consumer itself);
+- `wedge_on_message`: ... makes the consumer block for ever instead (a consumer that stopped consuming).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Faults(BaseModel):
     hang_over_tokens: int | None = None
     decode_hang_on: str | None = None
     load_delay_s: float | None = None
+    crash_on_message: str | None = None
+    wedge_on_message: str | None = None
 
     def on_job(self, uris: Sequence[str]) -> None:
         if self.crash_on and any(self.crash_on in uri for uri in uris):
@@ -47,6 +52,12 @@ class Faults(BaseModel):
         if self.device_error_over_tokens is not None and max(token_counts) > self.device_error_over_tokens:
             raise torch.AcceleratorError("injected: CUDA error: an illegal memory access was encountered")
         if self.hang_over_tokens is not None and max(token_counts) > self.hang_over_tokens:
+            threading.Event().wait()
+
+    def on_message(self, body: bytes) -> None:
+        if self.crash_on_message and self.crash_on_message.encode() in body:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.wedge_on_message and self.wedge_on_message.encode() in body:
             threading.Event().wait()
 
     def on_decode(self, uri: str) -> None:

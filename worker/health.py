@@ -1,9 +1,11 @@
 """The worker's HTTP endpoint on VLMQ_METRICS_PORT: `/metrics` for Prometheus, `/livez` and `/readyz` for probes.
 
 - `/readyz` answers 200 once the model is loaded and the consumer runs, 503 before and during shutdown.
-- `/livez` answers 503 when the model loop is stuck (a batch running longer than VLMQ_LIVENESS_STALL_S) or the
-  device is broken: a one-token forward pass through the loaded model (at most every 10 s) must succeed within
-  `PROBE_TIMEOUT_S`. While the model loads it answers 200: a long load is not a dead process.
+- `/livez` answers 503 when the model loop is stuck (a batch running longer than VLMQ_LIVENESS_STALL_S), when the
+  consumer is stuck (messages wait in the worker's queues or are held by it, and no job has started or ended for
+  VLMQ_LIVENESS_STALL_S), or the device is broken: a one-token forward pass through the loaded model (at most
+  every 10 s) must succeed within `PROBE_TIMEOUT_S`. While the model loads it answers 200: a long load is not a
+  dead process.
 
 The server starts before the model loads, so a probe can tell "loading" from "down".
 """
@@ -36,6 +38,9 @@ class Health:
         self.clock = clock
         self.probe: Callable[[], None] | None = None  # set once the model is loaded
         self.batch_age: Callable[[], float | None] = lambda: None
+        self.waiting: Callable[[], int] | None = None  # messages queued for or held by this worker; set once consuming
+        self.reading_since: Callable[[], float | None] = lambda: None  # since when the consumer reads one message
+        self._progress = clock()
         self._last: tuple[float, bool, str] | None = None
         self._lock = threading.Lock()
 
@@ -44,18 +49,47 @@ class Health:
             return True, "ready"
         return False, "loading the model" if self.probe is None else "not consuming jobs"
 
+    def progressed(self) -> None:
+        """A job started or ended: the consumer is moving."""
+        self._progress = self.clock()
+
     def alive(self) -> tuple[bool, str]:
         age = self.batch_age()
         if age is not None and age > self.stall_s:
             return False, f"a batch has run for {age:.0f} s, over VLMQ_LIVENESS_STALL_S={self.stall_s:g}"
         if age is not None:  # a batch is running and not stalled: that says more than a probe beside it would
             return True, "alive (running a batch)"
+        stuck = self._consumer_stuck()
+        if stuck:
+            return False, stuck
         if self.probe is None:
             return True, "loading the model"
         with self._lock:  # one probe at a time; answers within PROBE_EVERY_S reuse the last one
             if self._last is None or self.clock() - self._last[0] >= PROBE_EVERY_S:
                 self._last = (self.clock(), *self._run_probe(self.probe))
             return self._last[1], self._last[2]
+
+    def _consumer_stuck(self) -> str | None:
+        reading = self.reading_since()
+        if reading is not None and self.clock() - reading > self.stall_s:
+            return (
+                f"the consumer has been reading one message for {self.clock() - reading:.0f} s, over "
+                f"VLMQ_LIVENESS_STALL_S={self.stall_s:g}: it is stuck"
+            )
+        idle = self.clock() - self._progress
+        if self.waiting is None or idle <= self.stall_s:
+            return None
+        try:
+            waiting = self.waiting()
+        except Exception as exc:  # Redis down: a restart would not help, and the consumer reconnects by itself
+            log.warning("liveness: could not count waiting messages (%s)", exc)
+            return None
+        if not waiting:
+            return None
+        return (
+            f"{waiting} messages wait but no job has started or ended for {idle:.0f} s, over "
+            f"VLMQ_LIVENESS_STALL_S={self.stall_s:g}: the consumer is stuck"
+        )
 
     def _run_probe(self, probe: Callable[[], None]) -> tuple[bool, str]:
         try:

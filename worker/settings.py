@@ -42,6 +42,13 @@ class WorkerSettings(ClientSettings):
         description="networks (CIDR) https media may come from although private, e.g. an internal media server",
     )
     http_timeout_s: float = Field(30.0, gt=0, le=600, description="connect and read timeout of one http(s) request")
+    http_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="longest one whole http(s) download may take (redirects, connects and body together); "
+        "past it the job fails media_unavailable and is retried",
+    )
     max_media_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest media object fetched, in bytes")
     max_image_pixels: int = Field(64_000_000, ge=1, description="largest decoded image (width x height)")
     max_media_per_job: int = Field(16, ge=1, le=64, description="most images and videos in one job")
@@ -67,12 +74,23 @@ class WorkerSettings(ClientSettings):
         600.0, gt=0, description="longest model.generate() of one batch; past it the worker exits to be restarted"
     )
     liveness_stall_s: float = Field(
-        300.0, gt=0, description="/livez fails once a batch has run this long (the model loop counts as stuck)"
+        300.0,
+        gt=0,
+        description="/livez fails once a batch has run this long (the model loop counts as stuck), or when messages "
+        "wait and no job has started or ended for this long (the consumer counts as stuck)",
+    )
+    max_message_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest message body a worker decodes; a larger one fails invalid_job"
     )
     recover_interval_s: float = Field(
         30.0, gt=0, description="how often a worker looks for jobs whose message was lost (a worker died receiving it)"
     )
     metrics_port: int | None = Field(None, ge=1, le=65535, description="serve Prometheus /metrics here; unset = off")
+    task_events: bool = Field(
+        True,
+        description="send Celery task events (received, started, succeeded, ...) for `celery events` and Flower; "
+        "one Redis PUBLISH per state change",
+    )
     faults: str | None = Field(None, description="fault injection for vlmq's own tests (JSON, see worker/faults.py)")
     worker_name: str | None = Field(None, description="name reported in results; default hostname:pid")
 

@@ -10,58 +10,66 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from celery import Celery, Task
 from celery.utils.time import get_exponential_backoff_interval
-from kombu.message import Message
 
 from producer.batch import BatchStore, JobState
 from producer.jobs import TASK_NAME, JobResult
 from producer.ledger import Ledger
 from producer.storage import read_result
 from worker.engine import Engine, parse_job
-from worker.errors import Cancelled, InvalidJob, ResultWriteFailed, VlmqError, WorkerLost
+from worker.errors import Cancelled, Expired, InvalidJob, ResultWriteFailed, VlmqError, WorkerLost
+from worker.gate import Deadlines, Refused
 from worker.isolation import Isolation
 
 log = logging.getLogger(__name__)
 
 
-def refused_message_handler(app: Celery, engine: Engine, ledger: Ledger) -> Callable[[Message, Exception], None]:
-    """What to do with a `vlmq.run` message Celery refuses to decode (not JSON, or not valid JSON).
+def refusal_recorder(app: Celery, engine: Engine, ledger: Ledger) -> Callable[[Refused, dict[str, Any]], None]:
+    """How the gate's refusals end: a failed result under the message's task id (Redis, S3, metrics, its batch's
+    count, and the dead letters for `worker_lost`), or, with no usable id, a dead letter holding a copy of the
+    message. A pickle or other non-JSON body is never decoded."""
+    batches = BatchStore(ledger.redis)
 
-    Celery only logs and drops such a message; its producer would wait forever. It gets a failed `invalid_job`
-    result under its task id instead. The body is never decoded (a pickle is never loaded).
-    """
-
-    def refused(message: Message, exc: Exception) -> None:
-        try:
-            record(message, exc)
-        except Exception:  # after Celery's ack: nothing may reach the consumer loop, it would stop the worker
-            log.exception("could not record the refusal of a message")
-
-    def record(message: Message, exc: Exception) -> None:
-        headers = message.headers or {}
-        task_id = headers.get("id")
-        if headers.get("task") != TASK_NAME or not isinstance(task_id, str):
+    def record(refusal: Refused, message: dict[str, Any]) -> None:
+        if refusal.task_id is None:
+            result = engine.failed(f"message:{uuid.uuid4()}", refusal.error, attempts=1)
+            kept = ledger.dead_message(message, result)
+            log.error(
+                "message without a usable task id %s: %s (headers %.200s)",
+                f"kept in the dead letters as {result.id}" if kept else "dropped: the dead letters are full",
+                refusal.error.message,
+                message["headers"],
+            )
+            engine.metrics.finished(result)
             return
-        error = InvalidJob(
-            f"the message is not a JSON job ({message.content_type}: {type(exc).__name__}); vlmq workers accept "
-            "only JSON. Send jobs with producer.Client or `vlmq submit`"
-        )
-        log.warning("job %s refused: %s", task_id, error.message)
-        result = engine.failed(task_id, error, attempts=1)
+        if ledger.succeeded(refusal.task_id):  # a copy put back after its job succeeded: keep the success
+            log.info("message %s refused, but its job already succeeded; keeping the success", refusal.task_id)
+            return
+        job = refusal.job or {}
+        metadata = job.get("metadata")
+        if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            metadata = None
+        result = engine.failed(refusal.task_id, refusal.error, refusal.attempts, metadata)
+        log.warning("job %s refused: %s: %s", result.id, refusal.error.code, refusal.error.message)
         try:
             engine.results.write(result)
         except ResultWriteFailed as write_error:
-            log.error("job %s: %s; its result is in Redis only", task_id, write_error.message)
-        app.backend.store_result(task_id, result.model_dump(mode="json"), "SUCCESS")
+            log.error("job %s: %s; its result is in Redis only", result.id, write_error.message)
+        app.backend.store_result(result.id, result.model_dump(mode="json"), "SUCCESS")
+        if isinstance(refusal.error, WorkerLost):
+            ledger.dead_letter(job, result)
         ledger.finished(result)
+        count_in_batch(batches, engine.settings.webhook_secret, job, result)
         engine.metrics.finished(result)
 
-    return refused
+    return record
 
 
 def count_in_batch(batches: BatchStore, secret: str | None, payload: Any, result: JobResult) -> None:
@@ -78,9 +86,20 @@ def count_in_batch(batches: BatchStore, secret: str | None, payload: Any, result
         log.error("job %s: could not count its end in batch %s (%s)", result.id, batch, exc)
 
 
-def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
-    """Register `vlmq.run` on `app`, bound to this process's engine."""
+def register_tasks(
+    app: Celery,
+    engine: Engine,
+    ledger: Ledger,
+    deadlines: Deadlines | None = None,
+    progressed: Callable[[], None] = lambda: None,
+) -> None:
+    """Register `vlmq.run` on `app`, bound to this process's engine.
+
+    `deadlines` holds the Celery `expires` the gate took from messages; `progressed` is told when a job starts and
+    when it ends (liveness).
+    """
     settings = engine.settings
+    deadlines = deadlines or Deadlines()
     isolation = Isolation()
     batches = BatchStore(ledger.redis)
 
@@ -94,9 +113,13 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
         # A redelivered message whose job was started more often than its retries explain was running when a worker
         # died: it runs alone this time, so that if it is what kills workers it takes no neighbour with it.
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        suspect = redelivered and ledger.starts(task_id) > self.request.retries
-        with isolation.alone() if suspect else isolation.shared():
-            return handle(self, task_id, payload, force=force, redelivered=redelivered)
+        suspect = redelivered and ledger.taken(task_id) > self.request.retries
+        progressed()
+        try:
+            with isolation.alone() if suspect else isolation.shared():
+                return handle(self, task_id, payload, force=force, redelivered=redelivered)
+        finally:
+            progressed()
 
     def handle(task: Task, task_id: str, payload: Any, *, force: bool, redelivered: bool) -> dict[str, Any]:
         starts, succeeded_before = ledger.started(task_id, task.request.retries)
@@ -121,7 +144,11 @@ def register_tasks(app: Celery, engine: Engine, ledger: Ledger) -> None:
             result = engine.failed(task_id, exc, attempts)
         else:
             batch = job.batch
-            if batch is not None and batch_cancelled(batch):
+            expires = deadlines.pop(task_id)
+            if expires is not None and expires <= datetime.now(UTC):
+                late = Expired(f"the message's Celery expires ({expires.isoformat()}) passed before the job started")
+                result = engine.failed(job.id, late, attempts, job.metadata)
+            elif batch is not None and batch_cancelled(batch):
                 result = engine.failed(
                     job.id, Cancelled(f"batch {batch} was cancelled before this job started"), attempts, job.metadata
                 )
