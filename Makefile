@@ -10,6 +10,7 @@ install:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH_SPEC)
 	@$(PYTHON) -m pip install -q -e ".[worker,test,dev]"
+	@! command -v npm >/dev/null || [ -d tests/node/node_modules ] || npm ci --prefix tests/node --no-audit --no-fund
 
 demo: install
 	vlmq demo
