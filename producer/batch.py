@@ -1,6 +1,6 @@
 """Named batches: counts kept in Redis as jobs start and finish, honest status, results assembled as JSONL.
 
-Keys (all on the broker's Redis):
+Keys (all on the broker's Redis; the layout is in `producer/keys.py`, shown here with the default namespace):
 - `vlmq:batch:<name>`: hash of the batch's fields (`total`, `submitted`, `created_at`, `ended_at`, `cancelled_at`,
   `webhook`) and one counter per job state (`running`, `succeeded`, `failed`, `cancelled`);
 - `vlmq:batch:<name>:ids`: the job ids in input order (for results in input order);
@@ -30,9 +30,10 @@ from typing import Any, Literal
 
 import redis
 
+from producer.keys import Keys
+
 log = logging.getLogger(__name__)
 
-EVENTS_CHANNEL = "vlmq:batch-events"
 JobState = Literal["running", "succeeded", "failed", "cancelled"]
 BatchStatusName = Literal[
     "submitting", "running", "completed", "completed_with_failures", "failed", "cancelled", "unknown"
@@ -95,13 +96,13 @@ def _text(value: bytes | str) -> str:
 class BatchStore:
     """The Redis side of named batches, shared by producers (submit, status, cancel) and workers (counts)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys | None = None) -> None:
         self.redis = client
+        self.keys = keys or Keys()  # the default namespace unless given (callers pass `Ledger.keys`)
         self._move = client.register_script(_MOVE)
 
-    @staticmethod
-    def key(name: str, part: str = "") -> str:
-        return f"vlmq:batch:{name}{':' + part if part else ''}"
+    def key(self, name: str, part: str = "") -> str:
+        return self.keys.batch(name, part)
 
     def _keys(self, name: str) -> list[str]:
         return [self.key(name), self.key(name, "state"), self.key(name, "failed")]
@@ -206,10 +207,10 @@ class BatchStore:
         return bool(self._move(keys=self._keys(name), args=[job_id, state, json.dumps(job or {}), _now()]))
 
     def announce(self, name: str, secret: str | None) -> threading.Thread | None:
-        """Tell `vlmq:batch-events` subscribers and the batch's webhook (if any, from a thread) that it ended."""
+        """Tell `<namespace>:batch-events` subscribers and the batch's webhook (if any, from a thread) that it ended."""
         status = self.status(name)
         body = json.dumps({"event": "batch.ended", "batch": status.to_json()}).encode()
-        self.redis.publish(EVENTS_CHANNEL, body)
+        self.redis.publish(self.keys.batch_events(), body)
         log.info("batch %s ended: %s, %d of %d succeeded", name, status.status, status.succeeded, status.total)
         url = _text(self.redis.hget(self.key(name), "webhook") or b"")
         if not url:

@@ -19,6 +19,8 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from producer.keys import Keys
+
 _PRIORITY_STEPS = (0, 3, 6, 9)
 
 
@@ -68,14 +70,15 @@ class QueueStats:
     pending: int
 
 
-def queue_stats(client: redis.Redis, queue: str, now: float | None = None) -> QueueStats:
+def queue_stats(client: redis.Redis, queue: str, now: float | None = None, keys: Keys | None = None) -> QueueStats:
+    """`queue`'s backlog; its pending jobs are read from `keys`' namespace (default: `vlmq`)."""
     lists = queue_lists(queue)
     pipe = client.pipeline()
     for name in lists:
         pipe.llen(name)
     for name in lists:
         pipe.lindex(name, -1)
-    pipe.zcard(f"vlmq:pending:{queue}")
+    pipe.zcard((keys or Keys()).for_queue(queue).pending())
     replies = pipe.execute()
     lengths, heads, pending = replies[: len(lists)], replies[len(lists) : -1], replies[-1]
     now = time.time() if now is None else now
@@ -90,9 +93,10 @@ def queue_stats(client: redis.Redis, queue: str, now: float | None = None) -> Qu
 class QueueCollector(Collector):
     """Prometheus collector reading the queues' statistics from Redis at each scrape."""
 
-    def __init__(self, client: redis.Redis, queues: Sequence[str]) -> None:
+    def __init__(self, client: redis.Redis, queues: Sequence[str], keys: Keys | None = None) -> None:
         self.client = client
         self.queues = list(queues)
+        self.keys = keys
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         length = GaugeMetricFamily("vlmq_queue_length", "Messages waiting in the queue", labels=["queue"])
@@ -103,7 +107,7 @@ class QueueCollector(Collector):
             "vlmq_jobs_pending", "Jobs sent and not finished (queued, running or retrying)", labels=["queue"]
         )
         for queue in self.queues:
-            stats = queue_stats(self.client, queue)
+            stats = queue_stats(self.client, queue, keys=self.keys)
             length.add_metric([queue], stats.length)
             oldest.add_metric([queue], stats.oldest_seconds)
             pending.add_metric([queue], stats.pending)

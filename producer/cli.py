@@ -162,12 +162,14 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from producer.broker import QueueCollector
+    from producer.keys import Keys
     from producer.settings import ClientSettings
 
     settings = ClientSettings()
     queues = args.queues.split(",") if args.queues else settings.queues
     registry = CollectorRegistry()
-    registry.register(QueueCollector(redis.Redis.from_url(settings.broker_url, socket_timeout=10), queues))
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    registry.register(QueueCollector(client, queues, Keys.of(settings)))
     start_http_server(args.port, registry=registry)
     logging.getLogger(__name__).info("queue metrics of %s on :%d/metrics", ", ".join(queues), args.port)
     threading.Event().wait()

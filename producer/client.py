@@ -286,7 +286,7 @@ class Client:
 
     @cached_property
     def batches(self) -> BatchStore:
-        return BatchStore(self.ledger.redis)
+        return BatchStore(self.ledger.redis, self.ledger.keys)
 
     def batch(self, name: str) -> BatchHandle:
         """A handle on the named batch (submitted now or earlier, by any producer)."""

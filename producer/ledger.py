@@ -1,22 +1,6 @@
-"""Per-job bookkeeping in Redis that Celery does not keep: deliveries, finished jobs, dead letters.
+"""Per-job bookkeeping in Redis that Celery does not keep: deliveries, finished jobs, dead letters, pending jobs.
 
-- `vlmq:deliveries:<id>`: how many times a worker started the job in its current run. A worker killed mid-job
-  leaves it counted; the redelivered copy sees one start more than its Celery retries explain: a crash.
-- `vlmq:done:<id>`: set when the job succeeded, so that a redelivered or resubmitted copy returns the stored
-  result instead of running again (kept as long as results are kept).
-- `vlmq:receipts:<id>`: how many times a worker received the job's message again (kombu's `redelivered`) without
-  it reaching a task thread since: a message that kills the consumer itself, before any job starts, counts here.
-- `vlmq:seen:<id>`: when a worker first saw a job that came without `submitted_at` (another language's client),
-  so that TTLs hold for it too.
-- `vlmq:dead-letters:<queue>`: hash of job id -> {"job": the job JSON, "result": its failed JobResult}, for jobs
-  that exhausted their retries or kept killing workers. `vlmq dead-letters` lists it; `vlmq retry-failed`
-  re-enqueues them with the same ids. A message with no usable task id is kept there too, under
-  `message:<uuid>`, with a bounded copy of its headers and body in "message" (it has no job to retry).
-- `vlmq:pending:<queue>` (sorted set, job id -> sequence number) and `vlmq:payloads:<queue>` (hash, job id ->
-  {"job": ..., "queue": ..., "force": ...}): every job sent and not yet finished, to either queue (keys are named
-  after the bulk queue). The sequence number is taken from `vlmq:seq:<queue>` just before the message is pushed,
-  so it follows the order of every queue list; a retry takes a new one.
-  `worker/recovery.py` uses them to send again a job whose message Redis no longer holds (see there).
+Its keys, and what each holds, are listed in `producer/keys.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +14,7 @@ from typing import Any
 import redis
 
 from producer.jobs import JobResult
+from producer.keys import Keys
 from producer.settings import ClientSettings
 
 log = logging.getLogger(__name__)
@@ -58,14 +43,15 @@ class DeadLetter:
 
 
 class Ledger:
-    """The Redis keys above, on the broker's Redis."""
+    """The per-job and per-queue keys of `producer/keys.py`, on the broker's Redis."""
 
     def __init__(self, settings: ClientSettings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = client or redis.Redis.from_url(settings.broker_url, socket_timeout=10)
-        self.dead_key = f"vlmq:dead-letters:{settings.queue}"
-        self.pending_key = f"vlmq:pending:{settings.queue}"
-        self.payloads_key = f"vlmq:payloads:{settings.queue}"
+        self.keys = Keys.of(settings)
+        self.dead_key = self.keys.dead_letters()
+        self.pending_key = self.keys.pending()
+        self.payloads_key = self.keys.payloads()
         self._sequence = self.redis.register_script(_SEQUENCE)
 
     def sent(self, job_id: str, job: dict[str, Any], queue: str, force: bool = False) -> None:
@@ -87,7 +73,7 @@ class Ledger:
         """For each job: "succeeded" (its result is stored), "pending" (sent and not finished), or None."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.exists(f"vlmq:done:{job_id}")
+            pipe.exists(self.keys.done(job_id))
             pipe.zscore(self.pending_key, job_id)
         replies = pipe.execute()
         return [
@@ -104,7 +90,7 @@ class Ledger:
 
     @property
     def _sequence_keys(self) -> list[str]:
-        return [f"vlmq:seq:{self.settings.queue}", self.pending_key, self.payloads_key]
+        return [self.keys.seq(), self.pending_key, self.payloads_key]
 
     def taken(self, job_id: str) -> int:
         """A redelivered message reached a task thread: it is not what kills consumers (its receipts are
@@ -112,8 +98,8 @@ class Ledger:
         reached)."""
         try:
             pipe = self.redis.pipeline()
-            pipe.get(f"vlmq:deliveries:{job_id}")
-            pipe.delete(f"vlmq:receipts:{job_id}")
+            pipe.get(self.keys.deliveries(job_id))
+            pipe.delete(self.keys.receipts(job_id))
             return int(pipe.execute()[0] or 0)
         except redis.RedisError:
             return 0
@@ -123,12 +109,12 @@ class Ledger:
 
         If Redis cannot be reached the job runs as if nothing were known (a later copy may then run twice).
         """
-        key = f"vlmq:deliveries:{job_id}"
+        key = self.keys.deliveries(job_id)
         try:
             pipe = self.redis.pipeline()
             pipe.incr(key)
             pipe.expire(key, self.settings.result_expires_s)
-            pipe.exists(f"vlmq:done:{job_id}")
+            pipe.exists(self.keys.done(job_id))
             starts, _, done = pipe.execute()
         except redis.RedisError as exc:
             log.warning("job %s: could not count its start in Redis (%s); running it", job_id, exc)
@@ -138,7 +124,7 @@ class Ledger:
     def received_again(self, job_id: str) -> int:
         """Count a redelivered receipt of the job's message; returns the count since the job last started (0 when
         Redis cannot be reached)."""
-        key = f"vlmq:receipts:{job_id}"
+        key = self.keys.receipts(job_id)
         try:
             pipe = self.redis.pipeline()
             pipe.incr(key)
@@ -150,7 +136,7 @@ class Ledger:
 
     def first_seen(self, job_id: str, now: datetime) -> datetime:
         """When a worker first saw the job (`now`, the first time it is asked; `now` when Redis cannot be reached)."""
-        key = f"vlmq:seen:{job_id}"
+        key = self.keys.seen(job_id)
         try:
             pipe = self.redis.pipeline()
             pipe.set(key, now.isoformat(), nx=True, ex=self.settings.result_expires_s)
@@ -164,7 +150,7 @@ class Ledger:
     def succeeded(self, job_id: str) -> bool:
         """Whether the job is known to have succeeded (False when Redis cannot be reached)."""
         try:
-            return bool(self.redis.exists(f"vlmq:done:{job_id}"))
+            return bool(self.redis.exists(self.keys.done(job_id)))
         except redis.RedisError:
             return False
 
@@ -172,11 +158,11 @@ class Ledger:
         """The job has its terminal result: forget its starts; remember a success."""
         try:
             pipe = self.redis.pipeline()
-            pipe.delete(f"vlmq:deliveries:{result.id}", f"vlmq:receipts:{result.id}", f"vlmq:seen:{result.id}")
+            pipe.delete(self.keys.deliveries(result.id), self.keys.receipts(result.id), self.keys.seen(result.id))
             pipe.zrem(self.pending_key, result.id)
             pipe.hdel(self.payloads_key, result.id)
             if result.ok:
-                pipe.set(f"vlmq:done:{result.id}", 1, ex=self.settings.result_expires_s)
+                pipe.set(self.keys.done(result.id), 1, ex=self.settings.result_expires_s)
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("job %s: could not record its end in Redis (%s)", result.id, exc)
@@ -213,5 +199,5 @@ class Ledger:
         pipe.hdel(self.dead_key, job_id)
         pipe.zrem(self.pending_key, job_id)
         pipe.hdel(self.payloads_key, job_id)
-        pipe.delete(*(f"vlmq:{kind}:{job_id}" for kind in ("deliveries", "done", "receipts", "seen")))
+        pipe.delete(*self.keys.per_job(job_id))
         pipe.execute()

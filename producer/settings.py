@@ -21,6 +21,12 @@ class ClientSettings(BaseSettings):
     interactive_queue: str = Field(
         "", description="queue of single jobs (client.submit), taken from first; default `<queue>-interactive`"
     )
+    redis_namespace: str = Field(
+        "vlmq",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="prefix of every Redis key vlmq writes (<namespace>:...; see producer/keys.py): deployments "
+        "sharing one Redis need different namespaces (and queues); changing it leaves the old keys' state behind",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset means AWS S3")
     s3_region: str | None = Field(None, description="S3 region; unset means boto3's default chain")
     results_bucket: str | None = Field(None, description="bucket that workers write JobResult JSON to")

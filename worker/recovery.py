@@ -59,10 +59,9 @@ class Recovery:
         self.send = send
         self.interval_s = interval_s
         self.clock = clock or self._redis_time  # tests pass their own to step time
-        queue = ledger.settings.queue
         self.lists = [name for q in ledger.settings.queues for name in queue_lists(q)]
-        self.missing_key = f"vlmq:missing:{queue}"
-        self.lock_key = f"vlmq:recover-lock:{queue}"
+        self.missing_key = ledger.keys.missing()
+        self.lock_key = ledger.keys.recover_lock()
         self._stop = threading.Event()
 
     def sweep(self) -> list[str]:
