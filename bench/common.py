@@ -18,7 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.local_services import RedisServer, SeaweedS3  # noqa: E402
+from worker.devtools.local_services import RedisServer, SeaweedS3  # noqa: E402
 
 MEDIA_BUCKET, RESULTS_BUCKET = "bench-media", "bench-results"
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from producer import Client, ClientSettings, Job
-from worker.local_services import start_worker
+from worker.devtools.local_services import start_worker
 
 from common import ROOT, append_section, local_stack, machine, make_images
 
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(c) for c in args.processes.split(",")]
 
-    from worker.tiny import make_tiny_model
+    from worker.devtools.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="vlmq-bench-") as tmp:
         args.work = tmp

@@ -20,7 +20,7 @@ from PIL import Image
 
 from producer import Client, ClientSettings, Job
 from producer.jobs import Generation
-from worker.local_services import start_worker
+from worker.devtools.local_services import start_worker
 
 from common import ROOT, SIZES, append_section, local_stack, machine, make_images
 
@@ -90,7 +90,7 @@ def main() -> None:
 
     import torch
 
-    from worker.tiny import make_tiny_model
+    from worker.devtools.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="vlmq-bench-") as tmp:
         work = Path(tmp)

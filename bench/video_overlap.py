@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from producer import Client, ClientSettings, Job
-from worker.local_services import free_port, start_worker
+from worker.devtools.local_services import free_port, start_worker
 
 from common import ROOT, append_section, local_stack, machine
 
@@ -122,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     width, height, frames = (int(v) for v in args.clip.split("x"))
 
-    from worker.tiny import make_tiny_model
+    from worker.devtools.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="vlmq-bench-") as tmp:
         args.work = tmp

@@ -268,7 +268,7 @@ def _batch_status(batch: Any, watch: bool, as_json: bool) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from worker.tiny import make_tiny_model
+    from worker.devtools.tiny import make_tiny_model
 
     path = make_tiny_model(args.dir, seed=args.seed)
     print(f"wrote a random-weight LLaVA-OneVision checkpoint to {path} (its text is meaningless)")
@@ -276,7 +276,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.devtools.demo import run_demo
 
     return run_demo(jobs=args.jobs, model=args.model, max_batch_size=args.max_batch_size)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.local_services import RedisServer, SeaweedS3, Service, start_worker
+from worker.devtools.local_services import RedisServer, SeaweedS3, Service, start_worker
 
 MEDIA_BUCKET = "vlmq-test-media"
 RESULTS_BUCKET = "vlmq-test-results"
@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny import make_tiny_model
+    from worker.devtools.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

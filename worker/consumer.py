@@ -26,8 +26,8 @@ from kombu.utils.json import loads as _kombu_loads
 
 from producer.ledger import Ledger
 from worker import gate
+from worker.devtools.faults import Faults
 from worker.errors import InvalidJob, WorkerLost
-from worker.faults import Faults
 from worker.gate import Admitted, Deadlines, Refused
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from producer.jobs import Job, JobResult, Timings
 from producer.storage import make_s3_client
 from worker import media
 from worker.batcher import Batcher
+from worker.devtools.faults import Faults
 from worker.errors import DecodeHung, DeviceFailed, Expired, InvalidJob, VlmqError
-from worker.faults import Faults
 from worker.metrics import Metrics
 from worker.model import Generated, Prepared, VisionLanguageModel
 from worker.results import ResultStore

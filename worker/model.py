@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from producer.jobs import Generation
+from worker.devtools.faults import Faults
 from worker.errors import DeviceFailed, InferenceError, OutOfMemory, VlmqError
-from worker.faults import Faults
 
 log = logging.getLogger(__name__)
 

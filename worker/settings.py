@@ -91,7 +91,9 @@ class WorkerSettings(ClientSettings):
         description="send Celery task events (received, started, succeeded, ...) for `celery events` and Flower; "
         "one Redis PUBLISH per state change",
     )
-    faults: str | None = Field(None, description="fault injection for vlmq's own tests (JSON, see worker/faults.py)")
+    faults: str | None = Field(
+        None, description="fault injection for vlmq's own tests (JSON, see worker/devtools/faults.py)"
+    )
     worker_name: str | None = Field(None, description="name reported in results; default hostname:pid")
 
     @field_validator("device")

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,59 +20,16 @@ from PIL import Image
 from producer import Client, Job, JobResult
 from producer.jobs import MAX_TEXT_CHARS, TASK_NAME
 from tests.conftest import MEDIA_BUCKET, Stack
+from tests.helpers import ALLOWED_HOST, SECRET_HOST, serve
 from tests.reference import encode, make_clip, random_image
 
 TOKENS = 4
 MAX_MEDIA_BYTES = 100_000
 MAX_IMAGE_PIXELS = 80 * 60
 MAX_VIDEO_FRAMES = 100
-# On Linux all of 127.0.0.0/8 is loopback: the media server listens on 127.0.0.2, which the worker may read from,
-# and a "secret" server on 127.0.0.1, which it must never reach (it serves a valid image, so a leak would succeed).
-ALLOWED_HOST = "127.0.0.2"
-SECRET_HOST = "127.0.0.1"
 HLS_PLAYLIST = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n"
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
 GOOD_PNG = encode(random_image(40, 30, seed=1), "PNG")
-
-
-class MediaServer(ThreadingHTTPServer):
-    daemon_threads = True
-    routes: dict[str, tuple[int, dict[str, str], bytes]]
-    requests: list[str]
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Answers each path from the server's routes (status, headers, body); 404 for any other path."""
-
-    protocol_version = "HTTP/1.1"
-    server: MediaServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.server.requests.append(self.path)
-        status, headers, body = self.server.routes.get(self.path, (404, {}, b"no such file"))
-        self.send_response(status)
-        for name, value in {**headers, "Content-Length": str(len(body))}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@contextmanager
-def serve(host: str, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> Iterator[MediaServer]:
-    """An http server on `host` (a free port) in a thread, answering `routes`."""
-    server = MediaServer((host, 0), Handler)
-    server.routes, server.requests = routes, []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def decompression_bomb() -> bytes:

@@ -22,9 +22,9 @@ from producer import Job
 from producer.batch import signature
 from producer.manifest import read_manifest
 from tests.conftest import MEDIA_BUCKET, Stack
-from tests.integration.test_faults import count_in_logs
+from tests.helpers import count_in_logs
 from tests.reference import encode, random_image
-from worker.local_services import free_port, wait_until
+from worker.devtools.local_services import free_port, wait_until
 
 SECRET = "webhook-secret"
 

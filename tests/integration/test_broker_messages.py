@@ -23,11 +23,9 @@ from producer import Job
 from producer.broker import queue_lists
 from producer.storage import read_result
 from tests.conftest import Stack
-from tests.integration.test_bad_input import ALLOWED_HOST, serve
-from tests.integration.test_faults import FAST_REDELIVERY, supervise, upload_images
-from tests.integration.test_metrics import scrape
+from tests.helpers import ALLOWED_HOST, FAST_REDELIVERY, scrape, serve, supervise, upload_images
 from tests.reference import encode, random_image
-from worker.local_services import free_port
+from worker.devtools.local_services import free_port
 
 MAX_MESSAGE_BYTES = 4096
 

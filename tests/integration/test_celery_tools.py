@@ -22,7 +22,7 @@ from celery import Celery
 from producer import Job
 from producer.jobs import TASK_NAME
 from tests.conftest import Stack
-from tests.integration.test_faults import upload_images
+from tests.helpers import upload_images
 from worker.app import create_app
 from worker.settings import WorkerSettings
 

@@ -1,5 +1,5 @@
 """Device faults and deadlines in real worker processes: OOM splitting, a sticky CUDA error, a hung batch, a hung
-decoder, expired jobs and a SIGTERM drain. Faults are injected with VLMQ_FAULTS (worker/faults.py)."""
+decoder, expired jobs and a SIGTERM drain. Faults are injected with VLMQ_FAULTS (worker/devtools/faults.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,9 @@ import pytest
 
 from producer import Job
 from tests.conftest import MEDIA_BUCKET, Stack
-from tests.integration.test_faults import FAST_REDELIVERY, count_in_logs, upload_images
+from tests.helpers import FAST_REDELIVERY, LONG_QUESTION, OVER_TOKENS, count_in_logs, upload_images
 from tests.reference import make_clip, random_image, reference_text
 from worker.watchdog import EXIT_RESTART
-
-# The tiny model's caption job on a 40x30 image is 66 input tokens; a question of 1,400 characters makes 760.
-LONG_QUESTION = "What is this? " * 100
-OVER_TOKENS = 400
 
 
 def test_out_of_memory_splits_the_batch_and_only_the_item_too_large_alone_fails(stack: Stack) -> None:

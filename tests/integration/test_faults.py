@@ -6,63 +6,10 @@ Each test prints its figures (jobs, faults injected, lost, run twice, dead-lette
 from __future__ import annotations
 
 import json
-import re
-import time
-from collections import Counter
-
-import redis
 
 from producer import Job
 from tests.conftest import MEDIA_BUCKET, Stack
-from tests.reference import encode, random_image
-
-# A dead worker's jobs come back after 5 s (the timeout must stay above the longest retry delay).
-# A message lost by kombu (a worker killed between popping it and recording it) is sent again after 2-4 s.
-FAST_REDELIVERY = {"VLMQ_VISIBILITY_TIMEOUT_S": "5", "VLMQ_RETRY_BACKOFF_MAX_S": "2", "VLMQ_RECOVER_INTERVAL_S": "2"}
-
-
-def upload_images(stack: Stack, prefix: str, count: int) -> list[str]:
-    s3 = stack.s3.client()
-    uris = []
-    for i in range(count):
-        s3.put_object(Bucket=MEDIA_BUCKET, Key=f"{prefix}/{i}.png", Body=encode(random_image(40, 30, seed=i), "PNG"))
-        uris.append(f"s3://{MEDIA_BUCKET}/{prefix}/{i}.png")
-    return uris
-
-
-def results_ready(stack: Stack, job_ids: list[str]) -> int:
-    """How many of the jobs have a terminal result in Celery's result backend."""
-    client = redis.Redis.from_url(stack.redis.url)
-    metas = client.mget([f"celery-task-meta-{i}" for i in job_ids])
-    return sum(1 for m in metas if m is not None and json.loads(m)["status"] == "SUCCESS")
-
-
-def supervise(
-    stack: Stack, job_ids: list[str], *args: str, env: dict[str, str], timeout_s: float, on_progress=None
-) -> int:
-    """Restart the worker whenever it dies (as systemd or Kubernetes would) until every job has a result.
-
-    `on_progress(done)` may kill the worker. Returns how many times the worker was restarted.
-    """
-    restarts = 0
-    deadline = time.monotonic() + timeout_s
-    while (done := results_ready(stack, job_ids)) < len(job_ids):
-        assert time.monotonic() < deadline, f"{done} of {len(job_ids)} jobs have a result after {timeout_s} s"
-        if on_progress is not None:
-            on_progress(done)
-        if stack.workers[-1].proc.poll() is not None:
-            stack.start_worker(*args, env=env)
-            restarts += 1
-        time.sleep(0.1)
-    return restarts
-
-
-def count_in_logs(stack: Stack, pattern: str) -> Counter[str]:
-    """Matches of `pattern`'s group (a job id) in every worker's log."""
-    found: Counter[str] = Counter()
-    for worker in stack.workers:
-        found.update(re.findall(pattern, worker.log_path.read_text(errors="replace")))
-    return found
+from tests.helpers import FAST_REDELIVERY, count_in_logs, supervise, upload_images
 
 
 def test_a_job_that_kills_its_worker_is_dead_lettered_and_its_neighbours_finish(stack: Stack) -> None:

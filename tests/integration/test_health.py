@@ -17,10 +17,8 @@ import redis
 from producer import Job
 from producer.broker import queue_stats
 from tests.conftest import Stack
-from tests.integration.test_device_faults import LONG_QUESTION, OVER_TOKENS
-from tests.integration.test_faults import upload_images
-from tests.integration.test_metrics import scrape
-from worker.local_services import free_port, wait_until
+from tests.helpers import LONG_QUESTION, OVER_TOKENS, scrape, upload_images
+from worker.devtools.local_services import free_port, wait_until
 
 
 def probe(port: int, path: str) -> tuple[int, str]:

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
-
 from producer import Job
 from tests.conftest import MEDIA_BUCKET, Stack
+from tests.helpers import scrape
 from tests.reference import encode, random_image
-from worker.local_services import free_port
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+from worker.devtools.local_services import free_port
 
 
 def test_metrics_count_jobs_batches_and_stages(stack: Stack) -> None:

@@ -18,8 +18,8 @@ import redis
 from producer import Job
 from producer.storage import read_result
 from tests.conftest import MEDIA_BUCKET, RESULTS_BUCKET, Stack
-from tests.integration.test_faults import FAST_REDELIVERY, results_ready, upload_images
-from worker.local_services import RedisServer, SeaweedS3, Service, wait_until
+from tests.helpers import FAST_REDELIVERY, results_ready, upload_images
+from worker.devtools.local_services import RedisServer, SeaweedS3, Service, wait_until
 
 # Retries must outlast the ~15 s outage: 12 retries waiting 0.5-1, 1-2, then 2-4 s each (equal jitter) span 37 s
 # at least.

@@ -6,8 +6,8 @@ import re
 
 from producer import Job
 from tests.conftest import Stack
-from tests.integration.test_faults import upload_images
-from worker.local_services import wait_until
+from tests.helpers import upload_images
+from worker.devtools.local_services import wait_until
 
 BATCH = 4
 

@@ -8,7 +8,7 @@ import redis
 
 from producer import Job
 from tests.conftest import Stack
-from tests.integration.test_faults import count_in_logs, upload_images
+from tests.helpers import count_in_logs, upload_images
 from worker.recovery import Recovery
 
 

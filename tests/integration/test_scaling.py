@@ -10,8 +10,8 @@ import signal
 
 from producer import Job
 from tests.conftest import Stack
-from tests.integration.test_faults import FAST_REDELIVERY, count_in_logs, results_ready, upload_images
-from worker.local_services import wait_until
+from tests.helpers import FAST_REDELIVERY, count_in_logs, results_ready, upload_images
+from worker.devtools.local_services import wait_until
 
 
 def test_three_workers_on_one_queue_share_the_jobs_and_run_none_twice(stack: Stack) -> None:

@@ -8,8 +8,8 @@ import redis
 
 from producer import Client, ClientSettings, Job
 from tests.conftest import RESULTS_BUCKET, Stack
-from tests.integration.test_faults import upload_images
-from worker.local_services import RedisServer
+from tests.helpers import upload_images
+from worker.devtools.local_services import RedisServer
 
 PASSWORD = "s3cr3t-redis-Pa55word"
 

@@ -9,8 +9,8 @@ import torch
 
 from producer.jobs import Generation, Job
 from tests.reference import random_image, reference_text
+from worker.devtools.tiny import is_tiny_model
 from worker.model import VisionLanguageModel, resolve_device
-from worker.tiny import is_tiny_model
 
 
 @pytest.fixture(scope="module")

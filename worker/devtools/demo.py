@@ -22,7 +22,7 @@ from rich.table import Table
 
 from producer.client import Client
 from producer.jobs import Generation, Job, JobResult
-from worker.local_services import RedisServer, SeaweedS3, Service, start_worker
+from worker.devtools.local_services import RedisServer, SeaweedS3, Service, start_worker
 from worker.settings import DEFAULT_MODEL
 
 MEDIA_BUCKET = "vlmq-demo"
@@ -58,7 +58,7 @@ def choose_model(requested: str, workdir: Path) -> tuple[str, bool]:
         return requested, False
     except Exception as exc:
         reason = str(exc).splitlines()[0][:160]
-    from worker.tiny import make_tiny_model
+    from worker.devtools.tiny import make_tiny_model
 
     tiny = make_tiny_model(workdir / "tiny-model")
     console.print(
