@@ -41,15 +41,15 @@ def create_app(settings: WorkerSettings) -> Celery:
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
-    from producer.batch import BatchStore
     from producer.client import Client
     from worker.consumer import Intake, consumer_class, tolerate_unreadable_envelopes
     from worker.engine import Engine
     from worker.gate import Deadlines
     from worker.health import Health
+    from worker.lifecycle import Finisher
     from worker.metrics import Metrics
     from worker.recovery import Recovery
-    from worker.tasks import count_in_batch, refusal_recorder, register_tasks
+    from worker.tasks import refusal_recorder, register_tasks
     from worker.watchdog import EXIT_RESTART
 
     if not settings.results_bucket:
@@ -67,10 +67,11 @@ def run_worker(settings: WorkerSettings) -> None:
     app = create_app(settings)
     ledger = Ledger(settings)
     deadlines = Deadlines()
-    register_tasks(app, engine, ledger, deadlines, health.progressed)
+    finisher = Finisher(engine.results, ledger, engine.metrics, settings.webhook_secret, app.backend)
+    register_tasks(app, engine, ledger, finisher, deadlines, health.progressed)
     intake = Intake(
         ledger,
-        refusal_recorder(app, engine, ledger),
+        refusal_recorder(engine, ledger, finisher),
         max_bytes=settings.max_message_bytes,
         max_crashes=settings.max_crashes,
         faults=engine.faults,
@@ -79,13 +80,13 @@ def run_worker(settings: WorkerSettings) -> None:
     )
     app.conf.worker_consumer = consumer_class(intake)
     tolerate_unreadable_envelopes()
-    producer, batches = Client(settings), BatchStore(ledger.redis)
+    producer = Client(settings)
     recovery = Recovery(
         ledger,
         producer.send_json,
         settings.recover_interval_s,
         stored=producer.peek,
-        ended=lambda job, result: count_in_batch(batches, settings.webhook_secret, job, result),
+        ended=lambda job, result: finisher.finish(result, job, "stored"),
     )
     lists = [name for queue in settings.queues for name in queue_lists(queue)]
     # Its own client, with short timeouts: a slow Redis must not make the probe itself time out (a restart would

@@ -54,7 +54,7 @@ class Recovery:
     ) -> None:
         self.ledger = ledger
         self.stored = stored  # the job's result if one was stored (its end was not recorded: Redis was down)
-        self.ended = ended  # records such a job's end (its batch count)
+        self.ended = ended  # records such a job's end (the lifecycle's `stored` ending: ledger and batch count)
         self.redis: redis.Redis = ledger.redis
         self.send = send
         self.interval_s = interval_s
@@ -87,7 +87,6 @@ class Recovery:
             entry = json.loads(raw)
             result = self.stored(job_id)
             if result is not None:  # it finished, but Redis was down when it recorded that
-                self.ledger.finished(result)
                 self.ended(entry["job"], result)
                 continue
             log.warning("job %s: its message was lost (a worker died receiving it); sending it again", job_id)
