@@ -79,9 +79,8 @@ class Intake:
             celery(message)
         except Exception as exc:  # anything Celery or kombu raise for this message: it must not reach the loop
             log.exception("could not take a message")
-            headers = message.headers if isinstance(message.headers, dict) else {}
-            error = InvalidJob(f"the worker could not take the message: {type(exc).__name__}: {exc}")
-            self.refuse(message, Refused(gate.usable_id(headers.get("id")), error))
+            why = f"the worker could not take the message: {type(exc).__name__}: {exc}"
+            self.refuse(message, _refusal(message, why))
         finally:
             self.busy_since = None
 
