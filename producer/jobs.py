@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TASK_NAME = "vlmq.run"
 DEFAULT_CAPTION_PROMPT = "Describe this image in detail."
@@ -29,6 +29,17 @@ Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b.jpg` -> (`bucket`, `a/b.jpg`); `s3://bucket/prefix/` -> (`bucket`, `prefix/`)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def describe_invalid(exc: ValidationError, what: str = "job") -> str:
+    """A pydantic validation error as one line naming each bad field: `media.0.uri: ...; question: ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or what}: {e['msg']}" for e in exc.errors())
 
 
 def infer_kind(uri: str) -> MediaKind:

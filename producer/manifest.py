@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.jobs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Job
+from producer.jobs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Job, describe_invalid, split_s3_uri
 
 CSV_COLUMNS = ("uri", "task", "question", "prompt", "custom_id", "kind")
 
@@ -57,10 +57,6 @@ def stable_id(job: Job) -> str:
     return f"j-{digest[:32]}"
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in exc.errors())
-
-
 def _job(fields: dict[str, Any], defaults: dict[str, Any], batch: str | None) -> Job:
     fields = {**defaults, **fields}
     custom_id = fields.pop("custom_id", None)
@@ -89,7 +85,7 @@ def _jsonl(lines: Iterator[str], defaults: dict[str, Any], batch: str | None) ->
         try:
             yield number, _job(fields, defaults, batch)
         except ValidationError as exc:
-            yield number, _problems(exc)
+            yield number, describe_invalid(exc)
 
 
 def _csv(lines: Iterator[str], defaults: dict[str, Any], batch: str | None) -> Iterator[tuple[int, Job | str]]:
@@ -109,13 +105,13 @@ def _csv(lines: Iterator[str], defaults: dict[str, Any], batch: str | None) -> I
         try:
             yield reader.line_num, _job(fields, defaults, batch)
         except ValidationError as exc:
-            yield reader.line_num, _problems(exc)
+            yield reader.line_num, describe_invalid(exc)
 
 
 def _s3_prefix(
     s3: Any, uri: str, glob: str | None, defaults: dict[str, Any], batch: str | None
 ) -> Iterator[tuple[int, Job | str]]:
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    bucket, prefix = split_s3_uri(uri)
     number = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -127,7 +123,7 @@ def _s3_prefix(
             try:
                 yield number, _job({"media": [f"s3://{bucket}/{key}"]}, defaults, batch)
             except ValidationError as exc:
-                yield number, _problems(exc)
+                yield number, describe_invalid(exc)
 
 
 def read_manifest(

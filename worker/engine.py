@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.jobs import Job, JobResult, Timings
+from producer.jobs import Job, JobResult, Timings, describe_invalid
 from producer.storage import make_s3_client
 from worker import media
 from worker.batcher import Batcher
@@ -46,8 +46,7 @@ def parse_job(payload: Any, task_id: str | None = None) -> Job:
     try:
         return Job.model_validate(payload)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in exc.errors())
-        raise InvalidJob(f"invalid job: {problems}") from None
+        raise InvalidJob(f"invalid job: {describe_invalid(exc)}") from None
 
 
 @dataclass

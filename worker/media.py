@@ -19,7 +19,7 @@ import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from producer.jobs import Media, VideoSampling
+from producer.jobs import Media, VideoSampling, split_s3_uri
 from worker.errors import (
     DecodeHung,
     MediaError,
@@ -55,12 +55,6 @@ class Video:
 
 
 Decoded = Image.Image | Video
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b.jpg` -> (`bucket`, `a/b.jpg`)."""
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    return bucket, key
 
 
 class MediaFetcher:
