@@ -94,22 +94,30 @@ def make_tiny_model(
         num_layers: layers of the language model and of the vision tower.
         image_size: side of one crop in pixels (a multiple of 8); (image_size / 8)^2 tokens per crop.
     """
-    import torch
-    from transformers import (
-        GenerationConfig,
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-    )
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     pinpoints = [[image_size * h, image_size * w] for h in range(1, 4) for w in range(1, 4)]
-    config = LlavaOnevisionConfig(
+    config = _model_config(len(tokenizer), ids, pinpoints, hidden_size, num_layers, image_size)
+    _save_model(out, config, ids, seed)
+    _save_processor(out, tokenizer, pinpoints, image_size)
+    (out / "VLMQ_TINY_MODEL").write_text("random weights written by `vlmq make-tiny-model`: its text is meaningless\n")
+    return out
+
+
+def _model_config(
+    vocab_size: int,
+    ids: dict[str, int],
+    pinpoints: list[list[int]],
+    hidden_size: int,
+    num_layers: int,
+    image_size: int,
+):  # -> transformers.LlavaOnevisionConfig
+    """A SigLIP vision tower half as wide as a Qwen2 language model, with the special tokens' ids."""
+    from transformers import LlavaOnevisionConfig
+
+    return LlavaOnevisionConfig(
         vision_config={
             "model_type": "siglip_vision_model",
             "hidden_size": hidden_size // 2,
@@ -122,7 +130,7 @@ def make_tiny_model(
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
+            "vocab_size": vocab_size,
             "hidden_size": hidden_size,
             "intermediate_size": 2 * hidden_size,
             "num_hidden_layers": num_layers,
@@ -141,6 +149,13 @@ def make_tiny_model(
         vision_feature_layer=-1,
         vision_aspect_ratio="anyres_max_9",
     )
+
+
+def _save_model(out: Path, config: Any, ids: dict[str, int], seed: int) -> None:
+    """Random weights from `seed`, greedy generation ending at `<|im_end|>`."""
+    import torch
+    from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
+
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     # Random logits sit close together; widen the output layer so greedy argmax is decided by clear margins and
@@ -151,6 +166,11 @@ def make_tiny_model(
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False
     )
     model.save_pretrained(out)
+
+
+def _save_processor(out: Path, tokenizer: Any, pinpoints: list[list[int]], image_size: int) -> None:
+    """The image and video processors at `image_size`, the tokenizer and the chat template."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
     size = {"height": image_size, "width": image_size}
     image_processor = LlavaOnevisionImageProcessor(size=size, crop_size=size, image_grid_pinpoints=pinpoints)
@@ -165,8 +185,6 @@ def make_tiny_model(
         vision_aspect_ratio="anyres_max_9",
     )
     processor.save_pretrained(out)
-    (out / "VLMQ_TINY_MODEL").write_text("random weights written by `vlmq make-tiny-model`: its text is meaningless\n")
-    return out
 
 
 def is_tiny_model(path: str | Path) -> bool:
