@@ -27,9 +27,6 @@ Clips are generated with PyAV (libx264 / libvpx-vp9) and cached under `--cache-d
 from __future__ import annotations
 
 import argparse
-import gc
-import io
-import json
 import os
 import platform
 import re
@@ -38,257 +35,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from video_clips import Clip, make_clip
+from video_decoders import NUM_FRAMES, Child, sample_indices, serve
 
-NUM_FRAMES = 32
-MARK_BITS = 12  # frame index drawn as 12 black/white blocks along the top edge
 DECODERS = ("decord", "decord2", "pyav")
 DECORD2_SPEC = "decord2==3.4.0"
 PY312_SPECS = ("decord==0.6.0", "decord2==3.4.0")
-RESULT_PREFIX = "@@result "
-
-
-@dataclass(frozen=True)
-class Clip:
-    path: Path
-    frames: int  # frames encoded, the true n
-    desc: str
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Decoder side (`--serve`): imports only the stdlib, numpy and the one decoder, so it also runs under Python 3.12.
-
-
-def sample_indices(n: int) -> np.ndarray:
-    return np.linspace(0, n - 1, NUM_FRAMES, dtype=int)
-
-
-def decode_decord(data: bytes) -> tuple[np.ndarray, int]:
-    import decord
-
-    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    n = len(vr)
-    return vr.get_batch(sample_indices(n)).asnumpy(), n
-
-
-def count_frames(data: bytes) -> int:
-    """Frames in a stream whose container does not say (WebM): its non-empty packets."""
-    import av
-
-    count = 0
-    with av.open(io.BytesIO(data), "r") as container:
-        for packet in container.demux(container.streams.video[0]):
-            count += packet.size > 0
-    return count
-
-
-def decode_pyav(data: bytes) -> tuple[np.ndarray, int]:
-    import av
-
-    with av.open(io.BytesIO(data), "r") as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1  # no slice/frame threads ("AUTO" off): one core
-        n = stream.frames or count_frames(data)
-        indices = sample_indices(n).tolist()
-        wanted, last = set(indices), indices[-1]
-        got: dict[int, np.ndarray] = {}
-        decoded = 0
-        for i, frame in enumerate(container.decode(stream)):
-            decoded = i + 1
-            if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
-            if i >= last:
-                break
-    if len(got) < len(wanted):
-        raise RuntimeError(f"stream ended after {decoded} frames, container said {n}")
-    return np.stack([got[i] for i in indices]), n
-
-
-def read_marks(frames: np.ndarray) -> list[int]:
-    """The frame index drawn by `draw_mark` into each frame (the middle of each block, thresholded)."""
-    block = frames.shape[2] // (MARK_BITS + 4)
-    q = block // 4
-    marks = []
-    for frame in frames:
-        value = 0
-        for bit in range(MARK_BITS):
-            if frame[q : block - q, bit * block + q : (bit + 1) * block - q].mean() > 128:
-                value |= 1 << bit
-        marks.append(value)
-    return marks
-
-
-def proc_status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
-
-
-def libavcodec_version() -> str:
-    """Version of the libavcodec this process has loaded, from its file name (`libavcodec-<hash>.so.62.28.101`)."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        m = re.search(r"libavcodec[^/]*\.so\.([\d.]+)$", line)
-        if m:
-            return m.group(1)
-    return "?"
-
-
-def run_command(decode: Callable[[bytes], tuple[np.ndarray, int]], clips: dict[str, bytes], cmd: dict) -> dict:
-    if cmd["clip"] not in clips:
-        clips[cmd["clip"]] = Path(cmd["clip"]).read_bytes()
-    data = clips[cmd["clip"]]
-    wall_ms, cpu_ms = [], []
-    frames: np.ndarray | None = None
-    n = 0
-    for _ in range(cmd["repeat"]):
-        frames = None
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        frames, n = decode(data)
-        wall_ms.append((time.perf_counter() - wall0) * 1e3)
-        cpu_ms.append((time.process_time() - cpu0) * 1e3)
-    assert frames is not None
-    result: dict[str, Any] = {
-        "wall_ms": wall_ms,
-        "cpu_ms": cpu_ms,
-        "n": n,
-        "shape": list(frames.shape),
-        "dtype": str(frames.dtype),
-        "marks": read_marks(frames),
-    }
-    if cmd.get("dump"):
-        np.save(cmd["dump"], frames)
-    del frames
-    gc.collect()
-    result["rss_kb"] = proc_status_kb("VmRSS")
-    result["hwm_kb"] = proc_status_kb("VmHWM")
-    return result
-
-
-def serve(decoder: str) -> None:
-    """Answer JSON commands on stdin, one per line, with `RESULT_PREFIX` + JSON lines on the original stdout."""
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # whatever the libraries print goes to stderr, not into the answers
-    base_rss_kb, import_started = proc_status_kb("VmRSS"), time.perf_counter()
-    if decoder == "pyav":
-        import av
-
-        decode, version = decode_pyav, av.__version__
-    else:
-        import decord
-
-        decode, version = decode_decord, decord.__version__
-    imported = {
-        "import_ms": (time.perf_counter() - import_started) * 1e3,
-        "base_rss_kb": base_rss_kb,
-        "import_rss_kb": proc_status_kb("VmRSS"),
-        "nvidia_libs": len(
-            {ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines() if "/nvidia/" in ln}
-        ),
-    }
-    clips: dict[str, bytes] = {}
-    for line in sys.stdin:
-        try:
-            result = run_command(decode, clips, json.loads(line))
-        except Exception as e:
-            result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
-        result.update(imported, version=version, libavcodec=libavcodec_version(), python=platform.python_version())
-        out.write(RESULT_PREFIX + json.dumps(result) + "\n")
-        out.flush()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Driver side.
-
-
-class Child:
-    """One decoder process, `python this_script --serve --decoder NAME`."""
-
-    def __init__(self, decoder: str, log: Path, pythonpath: Path | None = None, python: str = sys.executable) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        env.pop("PYTHONPATH", None)
-        if pythonpath is not None:
-            env["PYTHONPATH"] = str(pythonpath)
-        self.log = log
-        self._log_file = log.open("w")
-        self.proc = subprocess.Popen(
-            [python, str(Path(__file__).resolve()), "--serve", "--decoder", "pyav" if decoder == "pyav" else "decord"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log_file,
-            text=True,
-            env=env,
-        )
-
-    def call(self, **cmd: Any) -> dict:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        try:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
-            self.proc.stdin.flush()
-            for line in self.proc.stdout:
-                if line.startswith(RESULT_PREFIX):
-                    return dict(json.loads(line[len(RESULT_PREFIX) :]))
-        except BrokenPipeError:
-            pass
-        rc = self.proc.wait()
-        tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
-        return {"error": f"process died, exit status {rc}: {' / '.join(tail)}"}
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self._log_file.close()
-
-
-def draw_mark(frame: np.ndarray, index: int) -> None:
-    block = frame.shape[1] // (MARK_BITS + 4)
-    for bit in range(MARK_BITS):
-        frame[:block, bit * block : (bit + 1) * block] = 235 if index >> bit & 1 else 16
-
-
-def make_clip(path: Path, seconds: int, width: int, height: int, codec: str, options: dict[str, str]) -> Clip:
-    """A moving gradient, a moving box, some noise and the frame index mark; 30 fps, yuv420p. Cached at `path`."""
-    fps = 30
-    n = seconds * fps
-    desc = f"{seconds} s {width}x{height} {fps} fps {codec} ({' '.join(f'{k}={v}' for k, v in options.items())})"
-    if path.exists():
-        return Clip(path, n, desc)
-    import av
-
-    print(f"encoding {path.name}: {desc}", flush=True)
-    started = time.perf_counter()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 256 // width, yy * 256 // height, (xx + yy) * 256 // (width + height)], axis=-1)
-    base = base.astype(np.uint8)
-    noise = rng.integers(0, 10, (5, height, width, 3), dtype=np.uint8)
-    box = height // 4
-    tmp = path.with_name(path.name + ".part")
-    with av.open(str(tmp), "w", format=path.suffix.lstrip(".")) as out:
-        stream = out.add_stream(codec, rate=fps, options=options)
-        assert isinstance(stream, av.VideoStream)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.gop_size = 60
-        for i in range(n):
-            img = base + np.array([3 * i % 256, 2 * i % 256, i % 256], dtype=np.uint8)
-            img += noise[i % len(noise)]
-            x = 7 * i % (width - box)
-            img[height // 2 : height // 2 + box, x : x + box] = (250, 240, 20)
-            draw_mark(img, i)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    tmp.rename(path)
-    print(f"  {path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.0f} s", flush=True)
-    return Clip(path, n, desc)
 
 
 def ensure_decord2(cache: Path) -> Path:
@@ -489,7 +246,24 @@ def check_py312(python: Path, cache: Path, clip: Clip, work: Path) -> list[str]:
     return lines
 
 
-def main() -> None:
+@dataclass(frozen=True)
+class Clips:
+    big: Clip  # speed
+    small: Clip  # memory, Python 3.12
+    webm: Clip
+
+
+@dataclass(frozen=True)
+class Tables:
+    speed: list[str]
+    diffs: list[str]
+    worst: float  # max abs pixel difference between any two decoders
+    memory: list[str]
+    webm: list[str]
+    py312: list[str]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="timed decodes of the 60 s clip per decoder")
     parser.add_argument("--leak-decodes", type=int, default=500, help="decodes of the small clip per decoder")
@@ -498,52 +272,51 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append the results to this markdown file")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--decoder", choices=["decord", "pyav"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        serve(args.decoder)
-        return
+    return parser.parse_args()
 
-    started = time.perf_counter()
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
-    cache: Path = args.cache_dir
-    cache.mkdir(parents=True, exist_ok=True)
-    work = cache / f"run-{os.getpid()}"
-    work.mkdir()
+
+def make_clips(cache: Path) -> Clips:
     x264 = {"preset": "veryfast", "crf": "23"}
     big = make_clip(cache / "big-720p-60s.mp4", 60, 1280, 720, "libx264", x264)
     small = make_clip(cache / "small-240p-10s.mp4", 10, 320, 240, "libx264", x264)
     webm = make_clip(
         cache / "small-240p-3s.webm", 3, 320, 240, "libvpx-vp9", {"crf": "32", "b": "0", "deadline": "realtime"}
     )
-    decord2_site = ensure_decord2(cache)
+    return Clips(big, small, webm)
 
-    print(f"speed: {big.path.name}, {args.rounds} rounds", flush=True)
-    stats, speed = measure_speed(big, args.rounds, work, decord2_site)
+
+def run_checks(args: argparse.Namespace, clips: Clips, cache: Path, work: Path, decord2_site: Path) -> Tables:
+    """Speed, frame comparison, memory, WebM and Python 3.12, in that order, each table printed as it is done."""
+    print(f"speed: {clips.big.path.name}, {args.rounds} rounds", flush=True)
+    stats, speed = measure_speed(clips.big, args.rounds, work, decord2_site)
     print("\n".join(speed), flush=True)
     diffs, worst = compare_frames(work, stats)
     print("\n".join(diffs), flush=True)
     for d in DECODERS:
         (work / f"{d}.npy").unlink(missing_ok=True)
-    print(f"memory: {small.path.name}, {args.leak_decodes} decodes each", flush=True)
-    memory = measure_memory(small, args.leak_decodes, work, decord2_site)
+    print(f"memory: {clips.small.path.name}, {args.leak_decodes} decodes each", flush=True)
+    memory = measure_memory(clips.small, args.leak_decodes, work, decord2_site)
     print("\n".join(memory), flush=True)
-    print(f"webm: {webm.path.name}", flush=True)
-    webm_lines = check_webm(webm, work, decord2_site)
+    print(f"webm: {clips.webm.path.name}", flush=True)
+    webm_lines = check_webm(clips.webm, work, decord2_site)
     print("\n".join(webm_lines), flush=True)
     print("python 3.12 install check", flush=True)
-    py312 = check_py312(args.py312, cache, small, work)
+    py312 = check_py312(args.py312, cache, clips.small, work)
     print("\n".join(py312), flush=True)
+    return Tables(speed, diffs, worst, memory, webm_lines, py312)
 
-    elapsed = time.perf_counter() - started
-    load_after = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"total {elapsed / 60:.1f} min", flush=True)
-    if args.out is None:
-        return
+
+def report(
+    args: argparse.Namespace, clips: Clips, tables: Tables, loads: tuple[list[str], list[str]], elapsed: float
+) -> str:
+    """The BENCHMARKS.md section: the machine, the method, then each table."""
+    load_before, load_after = loads
+    big, small, webm = clips.big, clips.small, clips.webm
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, numpy "
     machine += f"{np.__version__}, {platform.system()} {platform.release()}"
     size_mb = big.path.stat().st_size / 1e6
     bitrate = big.path.stat().st_size * 8 / 60 / 1e6
-    section = (
+    return (
         f"\n## Video decoders: decord vs decord2 vs PyAV ({datetime.now(UTC):%Y-%m-%d})\n\n"
         f"- machine: {machine}; load average {' '.join(load_before)} at the start, {' '.join(load_after)} at the "
         f"end (the cores are shared)\n"
@@ -558,17 +331,41 @@ def main() -> None:
         f"webm {webm.desc}\n"
         f"- timings: one warm-up then {args.rounds} timed decode(s) per decoder, round-robin; CPU time is the "
         'process\'s (all threads); clips/s per core = 1000 / CPU ms; "vs PyAV" compares CPU time\n\n'
-        f"Speed, {big.frames}-frame clip:\n\n" + "\n".join(speed) + "\n\n"
+        f"Speed, {big.frames}-frame clip:\n\n" + "\n".join(tables.speed) + "\n\n"
         "Frames from the warm-up decodes compared (marks = the frame index drawn into each frame, read back):\n\n"
-        + "\n".join(diffs)
-        + f"\n\nMax abs difference between any two decoders: {worst:.0f} (of 255).\n\n"
+        + "\n".join(tables.diffs)
+        + f"\n\nMax abs difference between any two decoders: {tables.worst:.0f} (of 255).\n\n"
         f"Memory, {small.frames}-frame clip, one fresh process per decoder (RSS from /proc/self/status after the "
-        f"decoded array is freed):\n\n" + "\n".join(memory) + "\n\n"
-        f"WebM/VP9, {webm.frames}-frame clip:\n\n" + "\n".join(webm_lines) + "\n\n"
+        f"decoded array is freed):\n\n" + "\n".join(tables.memory) + "\n\n"
+        f"WebM/VP9, {webm.frames}-frame clip:\n\n" + "\n".join(tables.webm) + "\n\n"
         f"Python 3.12 (`{args.py312}`), wheel availability and a decode of the small H.264 clip:\n\n"
-        + "\n".join(py312)
+        + "\n".join(tables.py312)
         + "\n"
     )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.serve:
+        serve(args.decoder)
+        return
+
+    started = time.perf_counter()
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    cache: Path = args.cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    work = cache / f"run-{os.getpid()}"
+    work.mkdir()
+    clips = make_clips(cache)
+    decord2_site = ensure_decord2(cache)
+    tables = run_checks(args, clips, cache, work, decord2_site)
+
+    elapsed = time.perf_counter() - started
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"total {elapsed / 60:.1f} min", flush=True)
+    if args.out is None:
+        return
+    section = report(args, clips, tables, (load_before, load_after), elapsed)
     if not args.out.exists():
         args.out.write_text("# Benchmarks\n\nNumbers from `bench/`; ratios are measured side by side in one run.\n")
     with args.out.open("a") as f:
