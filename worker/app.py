@@ -43,11 +43,11 @@ def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
     from producer.client import Client
     from worker.consumer import Intake, consumer_class, tolerate_unreadable_envelopes
-    from worker.engine import Engine
     from worker.gate import Deadlines
     from worker.health import Health
     from worker.lifecycle import Finisher
     from worker.metrics import Metrics
+    from worker.pipeline import Pipeline
     from worker.recovery import Recovery
     from worker.tasks import refusal_recorder, register_tasks
     from worker.watchdog import EXIT_RESTART
@@ -61,20 +61,20 @@ def run_worker(settings: WorkerSettings) -> None:
     if settings.metrics_port:
         health.serve(settings.metrics_port)
         log.info("metrics and probes on :%d (/metrics, /livez, /readyz)", settings.metrics_port)
-    engine = Engine.start(settings, metrics)
-    health.batch_age = engine.watchdog.age
-    health.probe = engine.model.probe
+    pipeline = Pipeline.start(settings, metrics)
+    health.batch_age = pipeline.engine.busy_for
+    health.probe = pipeline.engine.probe
     app = create_app(settings)
     ledger = Ledger(settings)
     deadlines = Deadlines()
-    finisher = Finisher(engine.results, ledger, engine.metrics, settings.webhook_secret, app.backend)
-    register_tasks(app, engine, ledger, finisher, deadlines, health.progressed)
+    finisher = Finisher(pipeline.results, ledger, pipeline.metrics, settings.webhook_secret, app.backend)
+    register_tasks(app, pipeline, ledger, finisher, deadlines, health.progressed)
     intake = Intake(
         ledger,
-        refusal_recorder(engine, ledger, finisher),
+        refusal_recorder(pipeline, ledger, finisher),
         max_bytes=settings.max_message_bytes,
         max_crashes=settings.max_crashes,
-        faults=engine.faults,
+        faults=pipeline.faults,
         deadlines=deadlines,
         progressed=health.progressed,
     )
@@ -105,12 +105,12 @@ def run_worker(settings: WorkerSettings) -> None:
         health.reading_since = lambda: intake.busy_since
 
     worker_ready.connect(lambda **_: consuming(), weak=False)
-    worker_ready.connect(lambda **_: engine.metrics.ready.set(1), weak=False)
+    worker_ready.connect(lambda **_: pipeline.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
-    worker_shutting_down.connect(lambda **_: engine.metrics.ready.set(0), weak=False)
+    worker_shutting_down.connect(lambda **_: pipeline.metrics.ready.set(0), weak=False)
     log.info(
         "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queues %s",
-        engine.worker_name,
+        pipeline.worker_name,
         settings.model,
         settings.max_batch_size,
         settings.max_wait_ms,
@@ -123,7 +123,7 @@ def run_worker(settings: WorkerSettings) -> None:
         f"--concurrency={settings.in_flight}",
         f"--queues={','.join(settings.queues)}",  # in the order they are served
         "--loglevel=INFO",
-        f"--hostname=vlmq-{engine.worker_name.replace(':', '-')}@%h",
+        f"--hostname=vlmq-{pipeline.worker_name.replace(':', '-')}@%h",
         "--without-gossip",
         "--without-mingle",
     ]
@@ -131,6 +131,6 @@ def run_worker(settings: WorkerSettings) -> None:
         app.worker_main(argv)
     finally:
         recovery.stop()
-        engine.close()
-        if engine.restart_requested:  # a warm shutdown asked for by the worker itself: not a clean stop
+        pipeline.close()
+        if pipeline.restart_requested:  # a warm shutdown asked for by the worker itself: not a clean stop
             raise SystemExit(EXIT_RESTART)

@@ -1,7 +1,7 @@
-"""One worker process's pipeline: validate a job, load its media, batch it with others, build its result.
+"""One worker process's pipeline: validate a job, load its media, hand it to the engine, build its result.
 
-`Engine.execute` runs in a Celery task thread. Everything up to `Batcher.submit` (S3 reads, decoding, the
-processor) happens in that thread, concurrently with the batcher thread's `model.generate` for earlier jobs.
+`Pipeline.execute` runs in a Celery task thread. Everything up to `Engine.add` (S3 reads, decoding, the
+engine's `prepare`) happens in that thread, concurrently with the engine's model calls for earlier jobs.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from pydantic import ValidationError
 from producer.jobs import Job, JobResult, Timings, describe_invalid
 from producer.storage import make_s3_client
 from worker import media
-from worker.batcher import Batcher
 from worker.devtools.faults import Faults
-from worker.errors import DecodeHung, DeviceFailed, Expired, InvalidJob, VlmqError
+from worker.engines import Engine, start_engine
+from worker.errors import DecodeHung, Expired, InvalidJob, VlmqError
 from worker.metrics import Metrics
-from worker.model import Generated, Prepared, VisionLanguageModel
 from worker.results import ResultStore
 from worker.settings import WorkerSettings
-from worker.watchdog import Watchdog, exit_for_restart
 
 log = logging.getLogger(__name__)
 
@@ -58,63 +56,38 @@ class Outcome:
     timings: Timings
 
 
-class Engine:
-    """Model, media fetcher, batcher and result store of one worker process."""
+class Pipeline:
+    """Media fetcher, engine and result store of one worker process."""
 
     def __init__(
         self,
         settings: WorkerSettings,
-        model: VisionLanguageModel,
+        engine: Engine,
         s3_client: Any | None = None,
         metrics: Metrics | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.settings = settings
-        self.model = model
+        self.engine = engine
         self.metrics = metrics or Metrics()
-        self.faults = Faults.parse(settings.faults)
-        model.faults = self.faults
+        self.faults = faults
         s3 = s3_client or make_s3_client(settings, max_connections=settings.in_flight + 4)
         self.fetcher = media.MediaFetcher(settings, s3)
         self.results = ResultStore(s3, settings)
         self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
-        self.watchdog = Watchdog(settings.batch_timeout_s, exit_for_restart)
         self.restart_requested = False
-        self.batcher: Batcher[Prepared, Generated] = Batcher(
-            self._run_batch, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
-        )
 
     @classmethod
-    def start(cls, settings: WorkerSettings, metrics: Metrics | None = None) -> Engine:
-        """Load the model (once per process) and start the batcher thread."""
+    def start(cls, settings: WorkerSettings, metrics: Metrics | None = None) -> Pipeline:
+        """Load the model with the configured engine (once per process) and start its threads."""
         metrics = metrics or Metrics()
         faults = Faults.parse(settings.faults)
         if faults is not None and faults.load_delay_s:
             time.sleep(faults.load_delay_s)
-        started = time.perf_counter()
-        model = VisionLanguageModel.load(settings.model, settings.device, settings.torch_threads)
-        metrics.model_load_seconds.set(time.perf_counter() - started)
-        metrics.watch_gpu_memory(model.memory_allocated)
-        engine = cls(settings, model, metrics=metrics)
-        engine.batcher.start()
-        engine.watchdog.start()
-        return engine
-
-    def _run_batch(self, items: list[Prepared]) -> list[Generated | BaseException]:
-        started = time.perf_counter()
-        self.watchdog.begin()
-        try:
-            outcomes = self.model.generate_safely(items)
-        except DeviceFailed as exc:
-            exit_for_restart(f"the device failed ({exc}); nothing more can run on it in this process")
-            raise
-        finally:
-            self.watchdog.end()
-        self.metrics.batch(len(items), time.perf_counter() - started)
-        return outcomes
+        return cls(settings, start_engine(settings, metrics, faults), metrics=metrics, faults=faults)
 
     def close(self) -> None:
-        self.watchdog.stop()
-        self.batcher.close()
+        self.engine.close()
 
     def restart_when_idle(self, reason: str) -> None:
         """Ask for a warm shutdown (SIGTERM to this process): running jobs finish, unstarted ones stay queued, and
@@ -153,10 +126,10 @@ class Engine:
                 videos.append(decoded.frames)
             else:
                 images.append(decoded)
-        prepared = self.model.prepare(job.conversation(), images, videos, job.generation)
+        request = self.engine.prepare(job.conversation(), images, videos, job.generation)
         fetched = time.perf_counter()
         self.metrics.media_seconds.observe(fetched - started)
-        generated = self.batcher.submit(prepared, prepared.batch_key(job.id)).result()
+        generated = self.engine.add(job.id, request).result()
         done = time.perf_counter()
         timings = Timings(queued=queued_ms, fetch=(fetched - started) * 1000, infer=(done - fetched) * 1000)
         return Outcome(text=generated.text, batch_size=generated.batch_size, timings=timings)
@@ -166,7 +139,7 @@ class Engine:
             id=job.id,
             status="succeeded",
             text=outcome.text,
-            model=self.model.name,
+            model=self.engine.name,
             worker=self.worker_name,
             attempts=attempts,
             batch_size=outcome.batch_size,
@@ -179,7 +152,7 @@ class Engine:
             id=job_id,
             status="failed",
             error=error.to_job_error(),
-            model=self.model.name,
+            model=self.engine.name,
             worker=self.worker_name,
             attempts=attempts,
             metadata=metadata or {},

@@ -1,4 +1,4 @@
-"""The model holder: load LLaVA-OneVision once, prepare one job's inputs, generate for a batch of them.
+"""The transformers model holder: load LLaVA-OneVision once, prepare one job's inputs, generate for a batch of them.
 
 Loading follows the model card (`LlavaOnevisionForConditionalGeneration` + `AutoProcessor`), so a Hugging Face id,
 a local checkpoint, the HF cache and `HF_HUB_OFFLINE=1` all work as they do there.
@@ -25,6 +25,7 @@ from PIL import Image
 
 from producer.jobs import Generation
 from worker.devtools.faults import Faults
+from worker.engines.base import Generated
 from worker.errors import DeviceFailed, InferenceError, OutOfMemory, VlmqError
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,6 @@ class Prepared:
         sampling = (g.temperature, g.top_p, g.seed) if g.temperature > 0 else ()
         alone = (job_id,) if g.temperature > 0 and g.seed is not None else ()
         return (self.modality, g.max_new_tokens, sampling, alone)
-
-
-@dataclass
-class Generated:
-    """The text generated for one item, and the size of the batch it ran in."""
-
-    text: str
-    batch_size: int
 
 
 class VisionLanguageModel:
