@@ -1,5 +1,7 @@
 """Named batches: counts kept in Redis as jobs start and finish, honest status, results assembled as JSONL.
 
+`BatchStore` is the Redis side (producers and workers); `BatchHandle` is what a producer holds.
+
 Keys (all on the broker's Redis; the layout is in `producer/keys.py`, shown here with the default namespace):
 - `vlmq:batch:<name>`: hash of the batch's fields (`total`, `submitted`, `created_at`, `ended_at`, `cancelled_at`,
   `webhook`) and one counter per job state (`running`, `succeeded`, `failed`, `cancelled`);
@@ -10,27 +12,31 @@ Keys (all on the broker's Redis; the layout is in `producer/keys.py`, shown here
 
 Workers update the counts; the worker that finishes a batch's last job sees its end exactly once (HSETNX) and
 announces it: a POST of the status JSON to the batch's webhook, signed with HMAC-SHA256 over the body using
-`VLMQ_WEBHOOK_SECRET` (header `X-Vlmq-Signature: sha256=<hex>`), and a message on the Redis channel
-`vlmq:batch-events`.
+`VLMQ_WEBHOOK_SECRET` (header `X-Vlmq-Signature: sha256=<hex>`; `producer/webhook.py`), and a message on the
+Redis channel `vlmq:batch-events`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import redis
+from tqdm import tqdm
 
+from producer.export import write_results
 from producer.keys import Keys
+from producer.publish import again, now_iso
+from producer.webhook import post_webhook
+
+if TYPE_CHECKING:
+    from producer.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +138,7 @@ class BatchStore:
         self._move_all(name, requeued, "")
         self._move_all(name, succeeded, "succeeded")
 
-    def add_requeued(self, name: str, job_ids: list[str]) -> None:
+    def requeue(self, name: str, job_ids: list[str]) -> None:
         """Jobs of the batch sent again (retry-failed): they lose their state until they end again."""
         self.redis.hdel(self.key(name), "ended_at")
         self._move_all(name, job_ids, "")
@@ -146,7 +152,7 @@ class BatchStore:
             self._move(keys=self._keys(name), args=[job_id, state, "", _now()], client=pipe)
         pipe.execute()
 
-    def submitted(self, name: str) -> bool:
+    def close_submission(self, name: str) -> bool:
         """Submitting is over; returns True if every job had already ended (the batch ends now)."""
         total = self.redis.llen(self.key(name, "ids"))
         self.redis.hset(self.key(name), mapping={"total": total, "submitted": 1})
@@ -196,13 +202,13 @@ class BatchStore:
         return {_text(k): json.loads(v) for k, v in self.redis.hgetall(self.key(name, "failed")).items()}
 
     # -- worker side ---------------------------------------------------------------------------------------------
-    def cancelled(self, name: str) -> bool:
+    def is_cancelled(self, name: str) -> bool:
         return bool(self.redis.hexists(self.key(name), "cancelled_at"))
 
-    def started(self, name: str, job_id: str) -> None:
+    def record_started(self, name: str, job_id: str) -> None:
         self._move(keys=self._keys(name), args=[job_id, "running", "", _now()])
 
-    def finished(self, name: str, job_id: str, state: JobState, job: dict[str, Any] | None = None) -> bool:
+    def record_finished(self, name: str, job_id: str, state: JobState, job: dict[str, Any] | None = None) -> bool:
         """Count the job's end; returns True for the one call that ended the batch."""
         return bool(self._move(keys=self._keys(name), args=[job_id, state, json.dumps(job or {}), _now()]))
 
@@ -220,28 +226,76 @@ class BatchStore:
         return thread
 
 
-def signature(body: bytes, secret: str) -> str:
-    """The `X-Vlmq-Signature` header value of a webhook body: `sha256=` + HMAC-SHA256(secret, body) in hex."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+class BatchHandle:
+    """A named batch: its status, its results as JSONL, and retry-failed / cancel."""
 
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+        self.store = client.batches
 
-def post_webhook(url: str, body: bytes, secret: str | None, attempts: int = 5) -> bool:
-    """POST `body` to `url`, retrying with backoff on errors and 5xx; returns whether it was delivered."""
-    headers = {"Content-Type": "application/json", "User-Agent": "vlmq"}
-    if secret:
-        headers["X-Vlmq-Signature"] = signature(body, secret)
-    else:
-        log.warning("VLMQ_WEBHOOK_SECRET is not set: the webhook to %s is not signed", url)
-    for attempt in range(attempts):
-        try:
-            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=10) as response:
-                if response.status < 300:
-                    return True
-        except OSError as exc:  # HTTPError (4xx/5xx) and connection errors
-            if getattr(exc, "code", 500) < 500:
-                log.error("webhook %s refused the batch event (%s); not retrying", url, exc)
-                return False
-            log.warning("webhook %s failed (%s); attempt %d of %d", url, exc, attempt + 1, attempts)
-        time.sleep(min(30, 2**attempt))
-    return False
+    def __repr__(self) -> str:
+        return f"BatchHandle(name={self.name!r})"
+
+    def status(self) -> BatchStatus:
+        return self.store.status(self.name)
+
+    def cancel(self) -> None:
+        """Jobs of the batch that have not started end `cancelled` without model work; running ones finish."""
+        self.store.cancel(self.name)
+
+    def retry_failed(self) -> list[str]:
+        """Send the batch's failed jobs again under their own ids; returns the ids sent."""
+        failed = self.store.failed_jobs(self.name)
+        if not failed:
+            return []
+        ids = list(failed)
+        self.store.requeue(self.name, ids)
+        for job_id in ids:
+            self.client.forget(job_id)
+        now = now_iso()
+        self.client.publisher.publish([again(i, failed[i], now) for i in ids], self.client.settings.queue)
+        self.store.close_submission(self.name)
+        return ids
+
+    def watch(self, interval_s: float = 1.0) -> BatchStatus:
+        """Show a live progress bar (rate, ETA) on stderr until the batch ends; returns its last status."""
+        status = self.status()
+        with tqdm(total=status.total, initial=status.done, desc=status.name, unit="job") as bar:
+            while True:
+                bar.total = status.total
+                bar.update(status.done - bar.n)
+                bar.set_postfix(running=status.running, failed=status.failed, cancelled=status.cancelled)
+                if status.status not in ("running", "submitting"):
+                    return status
+                time.sleep(interval_s)
+                status = self.status()
+
+    def write_results(self, path: str, errors_path: str) -> tuple[int, int, int]:
+        """`results` into files: JSONL, or Parquet when `path` ends with `.parquet` (needs pyarrow).
+
+        Raises:
+            MissingExtra: Parquet output without pyarrow installed.
+        """
+        return write_results(self.results, path, errors_path)
+
+    def results(self, out: IO[str], errors: IO[str] | None = None, chunk: int = 500) -> tuple[int, int, int]:
+        """Write one JobResult JSON line per job in input order (failed ones to `errors` instead, when given).
+
+        Streams `chunk` results at a time from Redis (S3 for those expired there). Returns (succeeded, failed,
+        without a result yet).
+        """
+        counts = [0, 0, 0]
+        for ids in self.store.ids(self.name, chunk):
+            states = self.store.states(self.name, ids)
+            # A job not ended in this run has no result yet: an older one would be stale.
+            ended = [i for i, state in zip(ids, states, strict=True) if state in ("succeeded", "failed", "cancelled")]
+            counts[2] += len(ids) - len(ended)
+            for result in self.client.result_reader.many(ended):
+                if result is None:
+                    counts[2] += 1
+                    continue
+                counts[0 if result.ok else 1] += 1
+                target = out if result.ok or errors is None else errors
+                target.write(result.model_dump_json() + "\n")
+        return counts[0], counts[1], counts[2]

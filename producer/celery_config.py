@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from producer.settings import ClientSettings
+from producer.settings import SharedSettings
 
 
-def celery_config(settings: ClientSettings) -> dict[str, Any]:
+def celery_config(settings: SharedSettings) -> dict[str, Any]:
     """Celery configuration shared by `producer.Client` and the worker app.
 
     JSON only: a message is data, never code, so a pickle message sent to the broker is refused, not run.

@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -242,29 +241,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _batch_status(batch: Any, watch: bool, as_json: bool) -> int:
-    from tqdm import tqdm
-
+    if watch:
+        status = batch.watch()
+        print(f"{status.name}: {status.status}", file=sys.stderr)
+        return 0 if status.status == "completed" else EXIT_FAILED
     status = batch.status()
-    if not watch:
-        if as_json:
-            _print_json(status.to_json())
-        else:
-            print(
-                f"{status.name}: {status.status}; {status.total} jobs: {status.queued} queued, {status.running} "
-                f"running, {status.succeeded} succeeded, {status.failed} failed, {status.cancelled} cancelled"
-            )
-        return 0 if status.status in ("completed", "running", "submitting") else EXIT_FAILED
-    with tqdm(total=status.total, initial=status.done, desc=status.name, unit="job") as bar:
-        while True:
-            bar.total = status.total
-            bar.update(status.done - bar.n)
-            bar.set_postfix(running=status.running, failed=status.failed, cancelled=status.cancelled)
-            if status.status not in ("running", "submitting"):
-                break
-            time.sleep(1)
-            status = batch.status()
-    print(f"{status.name}: {status.status}", file=sys.stderr)
-    return 0 if status.status == "completed" else EXIT_FAILED
+    if as_json:
+        _print_json(status.to_json())
+    else:
+        print(
+            f"{status.name}: {status.status}; {status.total} jobs: {status.queued} queued, {status.running} "
+            f"running, {status.succeeded} succeeded, {status.failed} failed, {status.cancelled} cancelled"
+        )
+    return 0 if status.status in ("completed", "running", "submitting") else EXIT_FAILED
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from producer.settings import ClientSettings
+    from producer.settings import SharedSettings
 
 DEFAULT_NAMESPACE = "vlmq"
 
@@ -57,7 +57,7 @@ class Keys:
     queue: str = "vlmq"
 
     @classmethod
-    def of(cls, settings: ClientSettings) -> Keys:
+    def of(cls, settings: SharedSettings) -> Keys:
         """The keys that `settings` (VLMQ_REDIS_NAMESPACE, VLMQ_QUEUE) name."""
         return cls(namespace=settings.redis_namespace, queue=settings.queue)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,7 +16,7 @@ import redis
 
 from producer.jobs import JobResult
 from producer.keys import Keys
-from producer.settings import ClientSettings
+from producer.settings import SharedSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class DeadLetter:
 class Ledger:
     """The per-job and per-queue keys of `producer/keys.py`, on the broker's Redis."""
 
-    def __init__(self, settings: ClientSettings, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: SharedSettings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = client or redis.Redis.from_url(settings.broker_url, socket_timeout=10)
         self.keys = Keys.of(settings)
@@ -54,20 +55,14 @@ class Ledger:
         self.payloads_key = self.keys.payloads()
         self._sequence = self.redis.register_script(_SEQUENCE)
 
-    def sent(self, job_id: str, job: dict[str, Any], queue: str, force: bool = False) -> None:
-        """Record a job about to be pushed to `queue` (raises if Redis is down: the push would fail too)."""
-        self._record(job_id, job, queue, force, self.redis)
-
-    def sent_many(self, jobs: list[tuple[str, dict[str, Any]]], queue: str) -> None:
-        """`sent` for many jobs in one round trip."""
+    def record_sent(self, jobs: Sequence[tuple[str, dict[str, Any]]], queue: str, force: bool = False) -> None:
+        """Record jobs about to be pushed to `queue`, in one round trip (raises if Redis is down: the push would
+        fail too)."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, job in jobs:
-            self._record(job_id, job, queue, False, pipe)
+            entry = json.dumps({"job": job, "queue": queue, "force": force})
+            self._sequence(keys=self._sequence_keys, args=[job_id, entry, 1], client=pipe)
         pipe.execute()
-
-    def _record(self, job_id: str, job: dict[str, Any], queue: str, force: bool, client: Any) -> None:
-        entry = json.dumps({"job": job, "queue": queue, "force": force})
-        self._sequence(keys=self._sequence_keys, args=[job_id, entry, 1], client=client)
 
     def known_many(self, job_ids: list[str]) -> list[str | None]:
         """For each job: "succeeded" (its result is stored), "pending" (sent and not finished), or None."""
@@ -81,7 +76,7 @@ class Ledger:
             for done, pending in zip(replies[::2], replies[1::2], strict=True)
         ]
 
-    def requeued(self, job_id: str) -> None:
+    def record_requeued(self, job_id: str) -> None:
         """The job's message is pushed again (a retry): it takes its new place in the queue's order."""
         try:
             self._sequence(keys=self._sequence_keys, args=[job_id, "", 0])
@@ -92,7 +87,7 @@ class Ledger:
     def _sequence_keys(self) -> list[str]:
         return [self.keys.seq(), self.pending_key, self.payloads_key]
 
-    def taken(self, job_id: str) -> int:
+    def record_taken(self, job_id: str) -> int:
         """A redelivered message reached a task thread: it is not what kills consumers (its receipts are
         forgotten). Returns the job's starts counted so far in its current run (0 when unknown or Redis cannot be
         reached)."""
@@ -104,7 +99,7 @@ class Ledger:
         except redis.RedisError:
             return 0
 
-    def started(self, job_id: str, retries: int) -> tuple[int, bool]:
+    def record_started(self, job_id: str, retries: int) -> tuple[int, bool]:
         """Count one more start of the job; returns (starts in this run, whether it already succeeded).
 
         If Redis cannot be reached the job runs as if nothing were known (a later copy may then run twice).
@@ -121,7 +116,7 @@ class Ledger:
             return retries + 1, False
         return int(starts), bool(done)
 
-    def received_again(self, job_id: str) -> int:
+    def record_received_again(self, job_id: str) -> int:
         """Count a redelivered receipt of the job's message; returns the count since the job last started (0 when
         Redis cannot be reached)."""
         key = self.keys.receipts(job_id)
@@ -147,14 +142,14 @@ class Ledger:
             return now
         return datetime.fromisoformat(seen.decode()) if seen else now
 
-    def succeeded(self, job_id: str) -> bool:
+    def has_succeeded(self, job_id: str) -> bool:
         """Whether the job is known to have succeeded (False when Redis cannot be reached)."""
         try:
             return bool(self.redis.exists(self.keys.done(job_id)))
         except redis.RedisError:
             return False
 
-    def finished(self, result: JobResult) -> None:
+    def record_finished(self, result: JobResult) -> None:
         """The job has its terminal result: forget its starts; remember a success."""
         try:
             pipe = self.redis.pipeline()
@@ -175,7 +170,7 @@ class Ledger:
         except redis.RedisError as exc:
             log.error("job %s: could not add it to %s (%s); its failed result is stored", result.id, self.dead_key, exc)
 
-    def dead_message(self, message: dict[str, Any], result: JobResult) -> bool:
+    def dead_letter_message(self, message: dict[str, Any], result: JobResult) -> bool:
         """Keep a message that has no usable task id (`result.id` is `message:<uuid>`) in the dead letters, while
         they hold fewer than MAX_DEAD_LETTERS entries (a flood of junk must not fill Redis). Returns whether kept."""
         if self.redis.hlen(self.dead_key) >= MAX_DEAD_LETTERS:

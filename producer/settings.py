@@ -6,12 +6,17 @@ boto3's standard chain (environment, shared files, instance roles), never from h
 
 from __future__ import annotations
 
+from typing import Self
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class ClientSettings(BaseSettings):
-    """What a producer needs: the queue, the result backend and the results bucket."""
+class SharedSettings(BaseSettings):
+    """What producers and workers must agree on: broker, result backend, queues, Redis namespace, results bucket.
+
+    `ClientSettings` (producers) and `worker.settings.WorkerSettings` both derive from it.
+    """
 
     model_config = SettingsConfigDict(env_prefix="VLMQ_", extra="ignore")
 
@@ -43,7 +48,7 @@ class ClientSettings(BaseSettings):
     result_expires_s: int = Field(7 * 24 * 3600, ge=60, description="how long Redis keeps a result")
 
     @model_validator(mode="after")
-    def _interactive_queue_follows_queue(self) -> ClientSettings:
+    def _interactive_queue_follows_queue(self) -> Self:
         # Deployments kept apart by VLMQ_QUEUE on one Redis must not share an interactive queue.
         if not self.interactive_queue:
             self.interactive_queue = f"{self.queue}-interactive"
@@ -68,3 +73,8 @@ class ClientSettings(BaseSettings):
     def result_key(self, job_id: str) -> str:
         """The S3 key of a job's result object."""
         return f"{self.results_prefix}{job_id}.json"
+
+
+class ClientSettings(SharedSettings):
+    """What a producer needs: the queue, the result backend and the results bucket (every field is shared with
+    workers; the class stays the producer's public name)."""

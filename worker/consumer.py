@@ -88,7 +88,7 @@ class Intake:
         """A message redelivered VLMQ_MAX_CRASHES times without its job starting killed the workers that took it."""
         if not (message.delivery_info or {}).get("redelivered"):
             return admitted
-        receipts = self.ledger.received_again(admitted.task_id)
+        receipts = self.ledger.record_received_again(admitted.task_id)
         if receipts < self.max_crashes:
             return admitted
         error = WorkerLost(

@@ -130,7 +130,7 @@ class Finisher:
             self.backend.store_result(result.id, result.model_dump(mode="json"), "SUCCESS")
         if dead:
             self.ledger.dead_letter(job if isinstance(job, dict) else {}, result)
-        self.ledger.finished(result)
+        self.ledger.record_finished(result)
         self.count_in_batch(job, result)
         if ending != "stored":
             self.metrics.finished(result)
@@ -143,7 +143,7 @@ class Finisher:
         code = result.error.code if result.error else None
         state: JobState = "succeeded" if result.ok else "cancelled" if code == "cancelled" else "failed"
         try:
-            if self.batches.finished(batch, result.id, state, job if state == "failed" else None):
+            if self.batches.record_finished(batch, result.id, state, job if state == "failed" else None):
                 self.batches.announce(batch, self.webhook_secret)
         except redis.RedisError as exc:
             log.error("job %s: could not count its end in batch %s (%s)", result.id, batch, exc)

@@ -79,7 +79,7 @@ class Recovery:
         resent = []
         for job_id in confirmed:
             if job_id in queued:  # pushed back to the tail: it takes the place it now has in the order
-                self.ledger.requeued(job_id)
+                self.ledger.record_requeued(job_id)
                 continue
             raw = self.redis.hget(self.ledger.payloads_key, job_id)
             if raw is None:  # finished meanwhile

@@ -7,14 +7,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from producer.settings import ClientSettings
+from producer.settings import SharedSettings
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 VideoContainer = Literal["mp4", "matroska", "avi"]
 VIDEO_CONTAINERS: tuple[VideoContainer, ...] = ("mp4", "matroska", "avi")
 
 
-class WorkerSettings(ClientSettings):
+class WorkerSettings(SharedSettings):
     """Settings of one worker process (one model, one device)."""
 
     model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local checkpoint path")

@@ -21,7 +21,7 @@ from kombu import Connection
 
 from producer import Job
 from producer.broker import queue_lists
-from producer.storage import read_result
+from producer.results import ResultStore
 from tests.conftest import Stack
 from tests.helpers import ALLOWED_HOST, FAST_REDELIVERY, scrape, serve, supervise, upload_images
 from tests.reference import encode, random_image
@@ -212,7 +212,7 @@ def test_every_broker_message_ends_in_one_outcome_and_the_worker_carries_on(stac
     settings = client.settings
     for kind, (task_id, _) in sent.items():
         if cases[kind][0] is not None:
-            stored = read_result(s3_client, settings, task_id)
+            stored = ResultStore(s3_client, settings).read(task_id)
             code = stored.error.code if stored is not None and stored.error is not None else "succeeded"
             assert stored is not None and code == cases[kind][0], kind
     invalid = sum(1 for code, *_ in cases.values() if code == "invalid_job")

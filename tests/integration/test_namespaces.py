@@ -18,19 +18,19 @@ def ledger(stack: Stack, namespace: str) -> Ledger:
 def test_a_job_that_succeeded_in_one_namespace_is_unknown_in_another(stack: Stack) -> None:
     job_id = f"ns-{uuid.uuid4().hex}"
     a, b = ledger(stack, "ns-a"), ledger(stack, "ns-b")
-    a.sent(job_id, {"id": job_id}, stack.queue)
-    a.finished(JobResult(id=job_id, status="succeeded", text="a cat"))
+    a.record_sent([(job_id, {"id": job_id})], stack.queue)
+    a.record_finished(JobResult(id=job_id, status="succeeded", text="a cat"))
 
-    assert a.succeeded(job_id) is True
-    assert b.succeeded(job_id) is False
+    assert a.has_succeeded(job_id) is True
+    assert b.has_succeeded(job_id) is False
     assert b.known_many([job_id]) == [None]
-    assert b.started(job_id, retries=0) == (1, False)  # B runs it, as its first start
+    assert b.record_started(job_id, retries=0) == (1, False)  # B runs it, as its first start
 
 
 def test_pending_jobs_dead_letters_and_batches_stay_in_their_namespace(stack: Stack) -> None:
     job_id = f"ns-{uuid.uuid4().hex}"
     a, b = ledger(stack, "ns-a"), ledger(stack, "ns-b")
-    a.sent(job_id, {"id": job_id}, stack.queue)
+    a.record_sent([(job_id, {"id": job_id})], stack.queue)
     error = {"code": "media_not_found", "message": "m", "retryable": False}
     failed = JobResult.model_validate({"id": job_id, "status": "failed", "error": error})
     a.dead_letter({"id": job_id}, failed)

@@ -16,7 +16,6 @@ import pytest
 import redis
 
 from producer import Job
-from producer.storage import read_result
 from tests.conftest import MEDIA_BUCKET, RESULTS_BUCKET, Stack
 from tests.helpers import FAST_REDELIVERY, results_ready, upload_images
 from worker.devtools.local_services import RedisServer, SeaweedS3, Service, wait_until
@@ -157,7 +156,7 @@ def test_jobs_retry_through_an_s3_outage_and_all_succeed_with_their_results_stor
         assert [(r.status, r.error) for r in results] == [("succeeded", None)] * len(ids)
         assert [r.metadata["n"] for r in results] == [str(i) for i in range(len(ids))]
         assert any(r.attempts > 1 for r in results)
-        stored = [read_result(client.s3, client.settings, i) for i in ids]
+        stored = [client.result_store.read(i) for i in ids]
         assert [(s.id, s.status) if s else None for s in stored] == [(i, "succeeded") for i in ids]
     finally:
         stack.stop_workers()
