@@ -16,22 +16,24 @@ from celery import Celery, Task
 
 from producer.jobs import TASK_NAME, Job, JobResult
 from producer.ledger import Ledger
-from worker.engine import Engine, parse_job
 from worker.errors import Cancelled, Expired, InvalidJob, VlmqError, WorkerLost
 from worker.gate import Deadlines, Refused
 from worker.isolation import Isolation
 from worker.lifecycle import Finisher, Start, decide, retries_left, retry_delay
+from worker.pipeline import Pipeline, parse_job
 
 log = logging.getLogger(__name__)
 
 
-def refusal_recorder(engine: Engine, ledger: Ledger, finisher: Finisher) -> Callable[[Refused, dict[str, Any]], None]:
+def refusal_recorder(
+    pipeline: Pipeline, ledger: Ledger, finisher: Finisher
+) -> Callable[[Refused, dict[str, Any]], None]:
     """How the gate's refusals end: a failed result under the message's task id (the `refused` ending), or, with
     no usable id, a dead letter holding a copy of the message. A pickle or other non-JSON body is never decoded."""
 
     def record(refusal: Refused, message: dict[str, Any]) -> None:
         if refusal.task_id is None:
-            result = engine.failed(f"message:{uuid.uuid4()}", refusal.error, attempts=1)
+            result = pipeline.failed(f"message:{uuid.uuid4()}", refusal.error, attempts=1)
             kept = ledger.dead_letter_message(message, result)
             log.error(
                 "message without a usable task id %s: %s (headers %.200s)",
@@ -39,7 +41,7 @@ def refusal_recorder(engine: Engine, ledger: Ledger, finisher: Finisher) -> Call
                 refusal.error.message,
                 message["headers"],
             )
-            engine.metrics.finished(result)
+            pipeline.metrics.finished(result)
             return
         if ledger.has_succeeded(refusal.task_id):  # a copy put back after its job succeeded: keep the success
             log.info("message %s refused, but its job already succeeded; keeping the success", refusal.task_id)
@@ -48,7 +50,7 @@ def refusal_recorder(engine: Engine, ledger: Ledger, finisher: Finisher) -> Call
         metadata = job.get("metadata")
         if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
             metadata = None
-        result = engine.failed(refusal.task_id, refusal.error, refusal.attempts, metadata)
+        result = pipeline.failed(refusal.task_id, refusal.error, refusal.attempts, metadata)
         log.warning("job %s refused: %s: %s", result.id, refusal.error.code, refusal.error.message)
         finisher.finish(result, job, "refused", dead=isinstance(refusal.error, WorkerLost))
 
@@ -59,11 +61,11 @@ class JobRun:
     """One start of one job's message: from the lifecycle's decisions to its recorded end."""
 
     def __init__(
-        self, task: Task, engine: Engine, ledger: Ledger, finisher: Finisher, deadlines: Deadlines, payload: Any
+        self, task: Task, pipeline: Pipeline, ledger: Ledger, finisher: Finisher, deadlines: Deadlines, payload: Any
     ) -> None:
         self.task = task
-        self.engine = engine
-        self.settings = engine.settings
+        self.pipeline = pipeline
+        self.settings = pipeline.settings
         self.ledger = ledger
         self.finisher = finisher
         self.deadlines = deadlines
@@ -84,7 +86,7 @@ class JobRun:
             job = parse_job(self.payload, self.task_id)
         except InvalidJob as exc:
             log.warning("job %s refused: %s", self.task_id, exc.message)
-            return self.end(self.engine.failed(self.task_id, exc, starts))
+            return self.end(self.pipeline.failed(self.task_id, exc, starts))
         expires = self.deadlines.pop(self.task_id)
         expired = expires is not None and expires <= datetime.now(UTC)
         decision = decide(
@@ -92,17 +94,17 @@ class JobRun:
         )
         if decision == "expired":
             late = Expired(f"the message's Celery expires ({expires and expires.isoformat()}) passed before it started")
-            return self.end(self.engine.failed(job.id, late, starts, job.metadata))
+            return self.end(self.pipeline.failed(job.id, late, starts, job.metadata))
         if decision == "cancelled":
             cancelled = Cancelled(f"batch {job.batch} was cancelled before this job started")
-            return self.end(self.engine.failed(job.id, cancelled, starts, job.metadata))
+            return self.end(self.pipeline.failed(job.id, cancelled, starts, job.metadata))
         if decision == "dead":
             error = WorkerLost(
                 f"workers died {start.crashes} times while running this job, so it was not run again. Its media "
                 "may crash the decoder or the model: check them, then `vlmq retry-failed`"
             )
             log.error("job %s: %s", job.id, error.message)
-            return self.end(self.engine.failed(job.id, error, starts, job.metadata), dead=True)
+            return self.end(self.pipeline.failed(job.id, error, starts, job.metadata), dead=True)
         return self.execute(job, starts)
 
     def execute(self, job: Job, attempts: int) -> dict[str, Any]:
@@ -110,16 +112,16 @@ class JobRun:
             with contextlib.suppress(redis.RedisError):  # only the running count misses it
                 self.finisher.batches.record_started(job.batch, job.id)
         try:
-            result = self.engine.succeeded(job, self.engine.execute(job), attempts)
+            result = self.pipeline.succeeded(job, self.pipeline.execute(job), attempts)
             return self.end(result)
         except VlmqError as exc:
             self.retry_later(exc)
             log.info("job %s failed: %s: %s", job.id, exc.code, exc.message)
-            result, dead = self.engine.failed(job.id, exc, attempts, job.metadata), exc.retryable
+            result, dead = self.pipeline.failed(job.id, exc, attempts, job.metadata), exc.retryable
         except Exception as exc:  # a bug, not bad input: still one coded, recorded result for the job
             log.exception("job %s: unexpected error", job.id)
             error = VlmqError(f"unexpected {type(exc).__name__}: {exc}. This is a vlmq bug; please report it")
-            result, dead = self.engine.failed(job.id, error, attempts, job.metadata), False
+            result, dead = self.pipeline.failed(job.id, error, attempts, job.metadata), False
         if self.ledger.has_succeeded(job.id):
             # Another copy of the job (a duplicate message) succeeded meanwhile: keep its result.
             stored = self.stored_success()
@@ -136,7 +138,7 @@ class JobRun:
 
     def stored_success(self) -> JobResult | None:
         """The job's result in S3 if it succeeded (the commit point of a success)."""
-        stored = self.engine.results.read(self.task_id)
+        stored = self.pipeline.results.read(self.task_id)
         return stored if stored is not None and stored.ok else None
 
     def batch_cancelled(self, batch: str | None) -> bool:
@@ -153,7 +155,7 @@ class JobRun:
         if not retries_left(exc, self.retries, self.settings.max_retries):
             return
         delay = retry_delay(self.retries, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
-        self.engine.metrics.retries.labels(exc.code).inc()
+        self.pipeline.metrics.retries.labels(exc.code).inc()
         self.ledger.record_requeued(self.task_id)
         log.warning("job %s: %s; retry %d in %.1f s", self.task_id, exc.message, self.retries + 1, delay)
         raise self.task.retry(exc=exc, countdown=delay)
@@ -161,13 +163,13 @@ class JobRun:
 
 def register_tasks(
     app: Celery,
-    engine: Engine,
+    pipeline: Pipeline,
     ledger: Ledger,
     finisher: Finisher,
     deadlines: Deadlines | None = None,
     progressed: Callable[[], None] = lambda: None,
 ) -> None:
-    """Register `vlmq.run` on `app`, bound to this process's engine.
+    """Register `vlmq.run` on `app`, bound to this process's pipeline.
 
     `deadlines` holds the Celery `expires` the gate took from messages; `progressed` is told when a job starts and
     when it ends (liveness).
@@ -175,7 +177,7 @@ def register_tasks(
     deadlines = deadlines or Deadlines()
     isolation = Isolation()
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=engine.settings.max_retries)
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=pipeline.settings.max_retries)
     def run(self: Task, payload: Any, force: bool = False) -> dict[str, Any]:
         """Run one job; always returns a JobResult (as JSON), `failed` with a coded error when it fails.
 
@@ -189,7 +191,7 @@ def register_tasks(
         progressed()
         try:
             with isolation.alone() if suspect else isolation.shared():
-                job_run = JobRun(self, engine, ledger, finisher, deadlines, payload)
+                job_run = JobRun(self, pipeline, ledger, finisher, deadlines, payload)
                 return job_run.run(force=force, redelivered=redelivered)
         finally:
             progressed()
