@@ -22,7 +22,7 @@ DeviceFailed is not a job's error: the device broke (a sticky CUDA error) and th
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from producer.jobs import ErrorCode, JobError
 
@@ -74,6 +74,11 @@ class MediaUndecodable(MediaError):
 
     code = "media_undecodable"
 
+    @classmethod
+    def empty(cls, uri: str) -> Self:
+        """`uri` has no bytes at all."""
+        return cls(f"{uri} is empty (0 bytes)")
+
 
 class DecodeHung(MediaUndecodable):
     """Decoding did not finish within VLMQ_MAX_DECODE_S; the stuck decoder thread cannot be freed."""
@@ -83,6 +88,11 @@ class MediaTooLarge(MediaError):
     """The media is over a configured size limit."""
 
     code = "media_too_large"
+
+    @classmethod
+    def bytes(cls, uri: str, size: int, limit: int) -> Self:
+        """`uri` is `size` bytes (stored, on disk or declared by the server), over VLMQ_MAX_MEDIA_BYTES=`limit`."""
+        return cls(f"{uri} is {size:,} bytes, over the limit of {limit:,} (VLMQ_MAX_MEDIA_BYTES)")
 
 
 class MediaUnavailable(MediaError):

@@ -12,14 +12,9 @@ from PIL import Image
 from producer.jobs import VideoSampling
 from tests.reference import make_clip
 from worker.errors import MediaForbidden, MediaNotFound, MediaTooLarge, MediaUndecodable, MediaUnsupported
-from worker.media import (
-    MediaFetcher,
-    check_media_count,
-    decode_image,
-    decode_video,
-    frame_indices,
-    video_container,
-)
+from worker.media.decode import decode_image, decode_video, frame_indices, video_container
+from worker.media.limits import check_media_count
+from worker.media.sources import MediaFetcher
 from worker.settings import WorkerSettings
 
 

@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from worker.errors import MediaError
-from worker.http_media import HttpFetcher, address_allowed, is_public
-from worker.media import MediaFetcher
+from worker.media.https import HttpFetcher, address_allowed, is_public
+from worker.media.sources import MediaFetcher
 from worker.settings import WorkerSettings
 
 BODY = bytes(range(256)) * 400  # 102,400 bytes

@@ -1,7 +1,7 @@
-"""Fetch media from S3, https or local files and decode it: images with Pillow, videos with decord.
+"""Decode media bytes: images with Pillow, videos with decord (only the sampled frames).
 
-Runs in the task threads, so a job's I/O and decoding overlap the model's work on the previous batch.
-Every failure becomes a coded `MediaError` for that job alone.
+Each decoder checks the worker's pixel and video limits before the expensive work, and turns every failure into a
+coded `MediaError` for that item alone.
 """
 
 from __future__ import annotations
@@ -9,35 +9,18 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from producer.jobs import Media, VideoSampling, split_s3_uri
-from worker.errors import (
-    DecodeHung,
-    MediaError,
-    MediaForbidden,
-    MediaNotFound,
-    MediaTooLarge,
-    MediaUnavailable,
-    MediaUndecodable,
-    MediaUnsupported,
-)
-from worker.http_media import HttpFetcher
+from producer.jobs import VideoSampling
+from worker.errors import MediaError, MediaTooLarge, MediaUndecodable, MediaUnsupported
+from worker.media.limits import check_video_limits
 from worker.settings import WorkerSettings
-from worker.watchdog import DeadlinePassed, call_with_deadline
 
 # Plain raster formats only; Pillow's other plugins (EPS needs Ghostscript, ...) are never tried.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
-_FORBIDDEN_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 # Box types an ISO BMFF (MP4, MOV, M4V, 3GP) file starts with: `ftyp`, or for old QuickTime files one of the others.
 _MP4_FIRST_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"}
 
@@ -54,86 +37,14 @@ class Video:
     fps: float
 
 
+# What `load` returns for one item.
 Decoded = Image.Image | Video
-
-
-class MediaFetcher:
-    """Reads media bytes from the sources this worker's settings allow."""
-
-    def __init__(self, settings: WorkerSettings, s3_client: Any) -> None:
-        self.settings = settings
-        self.s3 = s3_client
-        self.http = HttpFetcher(settings)
-
-    def fetch(self, uri: str) -> bytes:
-        if uri.startswith("s3://"):
-            return self._fetch_s3(uri)
-        if uri.startswith("file://"):
-            return self._fetch_file(uri)
-        if uri.startswith(("https://", "http://")):
-            return self.http.fetch(uri)
-        raise MediaForbidden(
-            f"{uri.split(':', 1)[0]} media is not enabled on this worker; put the object in S3 and send s3://bucket/key"
-        )
-
-    def _fetch_s3(self, uri: str) -> bytes:
-        bucket, key = split_s3_uri(uri)
-        allowed = self.settings.allowed_buckets
-        if allowed and bucket not in allowed:
-            raise MediaForbidden(f"bucket {bucket!r} is not in this worker's VLMQ_ALLOWED_BUCKETS")
-        limit = self.settings.max_media_bytes
-        try:
-            # The size comes with GetObject's headers, before any of the body is read: a HeadObject first would
-            # cost a round trip per item and say the same. The body is read with a cap in case the header lies.
-            response = self.s3.get_object(Bucket=bucket, Key=key)
-            size = int(response.get("ContentLength") or 0)
-            if size <= limit:
-                data: bytes = response["Body"].read(limit + 1)
-                size = len(data)
-            response["Body"].close()
-            if size > limit:
-                raise MediaTooLarge(too_large(uri, size, limit))
-            return data
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if code in _NOT_FOUND_CODES or status == 404:
-                raise MediaNotFound(f"{uri} does not exist; check the bucket and key") from None
-            if code in _FORBIDDEN_CODES or status == 403:
-                raise MediaForbidden(
-                    f"access to {uri} was denied; give the worker's credentials s3:GetObject"
-                ) from None
-            raise MediaUnavailable(f"S3 error reading {uri}: {code or status}; it will be retried") from None
-        except BotoCoreError as exc:
-            raise MediaUnavailable(f"could not reach S3 for {uri}: {exc}; it will be retried") from None
-
-    def _fetch_file(self, uri: str) -> bytes:
-        if not self.settings.allow_local_files:
-            raise MediaForbidden(
-                "file:// media is disabled on this worker; set VLMQ_ALLOW_LOCAL_FILES=true to allow it"
-            )
-        path = Path(unquote(urlparse(uri).path))
-        try:
-            size = path.stat().st_size
-            if not path.is_file():
-                raise MediaNotFound(f"{uri} is not a regular file")
-            if size > self.settings.max_media_bytes:
-                raise MediaTooLarge(too_large(uri, size, self.settings.max_media_bytes))
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise MediaNotFound(f"{uri} does not exist on the worker") from None
-        except PermissionError:
-            raise MediaForbidden(f"the worker may not read {uri}") from None
-
-
-def too_large(uri: str, size: int, limit: int) -> str:
-    return f"{uri} is {size:,} bytes, over the limit of {limit:,} (VLMQ_MAX_MEDIA_BYTES)"
 
 
 def decode_image(data: bytes, uri: str, max_pixels: int) -> Image.Image:
     """Decode image bytes into an upright RGB image, refusing anything over `max_pixels`."""
     if not data:
-        raise MediaUndecodable(f"{uri} is empty (0 bytes)")
+        raise MediaUndecodable.empty(uri)
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
@@ -209,7 +120,7 @@ def decode_video(data: bytes, uri: str, sampling: VideoSampling, settings: Worke
     import decord
 
     if not data:
-        raise MediaUndecodable(f"{uri} is empty (0 bytes)")
+        raise MediaUndecodable.empty(uri)
     container = video_container(data)
     if container is None:
         raise MediaUnsupported(f"{uri} is not an MP4/MOV, Matroska/WebM or AVI video; re-encode it as H.264 in MP4")
@@ -236,57 +147,3 @@ def decode_video(data: bytes, uri: str, sampling: VideoSampling, settings: Worke
             f"{uri} could not be decoded as a video ({exc}); check that it plays, or re-encode it as H.264 in MP4"
         ) from None
     return Video(frames=frames, indices=indices, fps=fps)
-
-
-def check_video_limits(uri: str, total_frames: int, fps: float, settings: WorkerSettings) -> None:
-    """Refuse a video whose declared frame count or duration is over the worker's limits, before decoding it."""
-    if total_frames > settings.max_video_frames:
-        raise MediaTooLarge(
-            f"{uri} has {total_frames:,} frames, over VLMQ_MAX_VIDEO_FRAMES={settings.max_video_frames:,}"
-        )
-    if not math.isfinite(fps) or fps <= 0:
-        raise MediaUndecodable(f"{uri} declares no usable frame rate ({fps})")
-    seconds = total_frames / fps
-    if seconds > settings.max_video_seconds:
-        raise MediaTooLarge(
-            f"{uri} lasts {seconds:,.1f} s, over VLMQ_MAX_VIDEO_SECONDS={settings.max_video_seconds:,.0f}"
-        )
-
-
-def check_media_count(count: int, settings: WorkerSettings) -> None:
-    """Refuse a job with more images and videos than the worker takes, before fetching any of them."""
-    if count > settings.max_media_per_job:
-        raise MediaTooLarge(
-            f"the job has {count} images and videos, over VLMQ_MAX_MEDIA_PER_JOB={settings.max_media_per_job}; "
-            "split it into several jobs"
-        )
-
-
-def load(
-    fetcher: MediaFetcher,
-    media: Media,
-    sampling: VideoSampling,
-    before_decode: Callable[[str], None] | None = None,
-) -> Decoded:
-    """Fetch and decode one media item; a video's decoding is bounded by VLMQ_MAX_DECODE_S.
-
-    Raises:
-        DecodeHung: the decoder did not return in time; it keeps its thread, so the worker should restart.
-    """
-    data = fetcher.fetch(media.uri)
-    if media.kind == "image":
-        return decode_image(data, media.uri, fetcher.settings.max_image_pixels)
-    settings = fetcher.settings
-
-    def decode() -> Video:
-        if before_decode is not None:
-            before_decode(media.uri)
-        return decode_video(data, media.uri, sampling, settings)
-
-    try:
-        return call_with_deadline(decode, settings.max_decode_s, "vlmq-decode")
-    except DeadlinePassed:
-        raise DecodeHung(
-            f"decoding {media.uri} did not finish within VLMQ_MAX_DECODE_S={settings.max_decode_s:g} s; the file may "
-            "be malformed (check that it plays, or re-encode it as H.264 in MP4)"
-        ) from None

@@ -30,6 +30,7 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from worker.errors import MediaForbidden, MediaNotFound, MediaTooLarge, MediaUnavailable
+from worker.media.limits import check_media_bytes
 from worker.settings import WorkerSettings
 
 try:  # Mozilla's CA bundle, as requests uses; without certifi, the system's store
@@ -205,15 +206,13 @@ class HttpFetcher:
         return urllib3.Timeout(connect=seconds, read=seconds)
 
     def _read(self, uri: str, url: str, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
-        from worker.media import too_large  # media imports this module
-
         where = uri if url == uri else f"{uri} (redirected to {url})"
         try:
             _check_status(where, response.status)
             limit = self.settings.max_media_bytes
             declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise MediaTooLarge(too_large(uri, int(declared), limit))
+            if declared.isdigit():
+                check_media_bytes(uri, int(declared), self.settings)
             chunks: list[bytes] = []
             size = 0
             sock = getattr(response.connection, "sock", None)
