@@ -28,11 +28,12 @@ import redis
 from celery.utils.time import get_exponential_backoff_interval
 
 from producer.batch import BatchStore, JobState
+from producer.errors import ResultWriteError
 from producer.jobs import JobResult
 from producer.ledger import Ledger
+from producer.results import ResultStore
 from worker.errors import ResultWriteFailed, VlmqError
 from worker.metrics import Metrics
-from worker.results import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ class Finisher:
         if ending != "stored":
             try:
                 self.results.write(result)
-            except ResultWriteFailed as exc:
+            except ResultWriteError as error:  # the store's error; the job's is `result_write_failed` (retryable)
+                exc = ResultWriteFailed(str(error))
                 write_failed(exc)
                 log.error("job %s: %s; its result is in Redis only", result.id, exc.message)
         if ending == "refused" and self.backend is not None:

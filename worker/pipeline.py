@@ -18,13 +18,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from producer.jobs import Job, JobResult, Timings, describe_invalid
+from producer.results import ResultStore
 from producer.storage import make_s3_client
 from worker import media
 from worker.devtools.faults import Faults
 from worker.engines import Engine, start_engine
 from worker.errors import DecodeHung, Expired, InvalidJob, VlmqError
 from worker.metrics import Metrics
-from worker.results import ResultStore
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
