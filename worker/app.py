@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -12,7 +15,16 @@ from celery.worker import state as worker_state
 from producer.broker import queue_lists
 from producer.celery_config import celery_config
 from producer.ledger import Ledger
+from producer.publish import Publisher
+from producer.results import ResultReader, ResultStore
+from producer.storage import make_s3_client
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:  # the runtime imports stay inside run_worker: `create_app` alone must not load torch
+    from worker.health import Health
+    from worker.metrics import Metrics
+    from worker.pipeline import Pipeline
+    from worker.recovery import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +51,35 @@ def create_app(settings: WorkerSettings) -> Celery:
     return app
 
 
+@dataclass
+class Clients:
+    """The Redis, S3 and Celery clients of one worker process, built once and shared by all its parts.
+
+    The liveness probe's Redis client is the one exception, on purpose: it has its own short timeouts, so that a slow
+    Redis cannot make the probe itself time out (a restart would not help; the consumer reconnects by itself).
+    """
+
+    celery: Celery
+    ledger: Ledger  # holds the Redis client (`ledger.redis`), shared with the batch store and the recovery sweep
+    s3: Any
+    results: ResultStore
+    reader: ResultReader
+    publisher: Publisher
+
+    @classmethod
+    def connect(cls, settings: WorkerSettings) -> Clients:
+        celery = create_app(settings)
+        ledger = Ledger(settings)
+        # boto3 clients are thread-safe: one serves every task thread (media reads) and the result writes.
+        s3 = make_s3_client(settings, max_connections=settings.in_flight + 4)
+        results = ResultStore(s3, settings)
+        return cls(celery, ledger, s3, results, ResultReader(celery, results), Publisher(celery, ledger))
+
+
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
-    from producer.client import Client
-    from worker.consumer import Intake, consumer_class, tolerate_unreadable_envelopes
-    from worker.gate import Deadlines
-    from worker.health import Health
-    from worker.lifecycle import Finisher
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
-    from worker.recovery import Recovery
-    from worker.tasks import refusal_recorder, register_tasks
     from worker.watchdog import EXIT_RESTART
 
     if not settings.results_bucket:
@@ -57,17 +87,52 @@ def run_worker(settings: WorkerSettings) -> None:
             "VLMQ_RESULTS_BUCKET is not set: results go to Redis only, and expire after %d s", settings.result_expires_s
         )
     metrics = Metrics()
+    health = _serve_health(settings, metrics)
+    clients = Clients.connect(settings)
+    pipeline = Pipeline.start(settings, clients.s3, clients.results, metrics)
+    health.batch_age = pipeline.engine.busy_for
+    health.probe = pipeline.engine.probe
+    recovery = _wire(settings, clients, pipeline, health)
+    log.info(
+        "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queues %s",
+        pipeline.worker_name,
+        settings.model,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.in_flight,
+        " then ".join(settings.queues),
+    )
+    try:
+        clients.celery.worker_main(_worker_argv(settings, pipeline.worker_name))
+    finally:
+        recovery.stop()
+        pipeline.close()
+        if pipeline.restart_requested:  # a warm shutdown asked for by the worker itself: not a clean stop
+            raise SystemExit(EXIT_RESTART)
+
+
+def _serve_health(settings: WorkerSettings, metrics: Metrics) -> Health:
+    from worker.health import Health
+
     health = Health(metrics, settings.liveness_stall_s)
     if settings.metrics_port:
         health.serve(settings.metrics_port)
         log.info("metrics and probes on :%d (/metrics, /livez, /readyz)", settings.metrics_port)
-    pipeline = Pipeline.start(settings, metrics)
-    health.batch_age = pipeline.engine.busy_for
-    health.probe = pipeline.engine.probe
-    app = create_app(settings)
-    ledger = Ledger(settings)
+    return health
+
+
+def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health: Health) -> Recovery:
+    """Register the task, put the gate in front of Celery's consumer, and connect the start-up and shutdown signals;
+    returns the lost-message recovery, started once the worker consumes."""
+    from worker.consumer import Intake, consumer_class, tolerate_unreadable_envelopes
+    from worker.gate import Deadlines
+    from worker.lifecycle import Finisher
+    from worker.recovery import Recovery
+    from worker.tasks import refusal_recorder, register_tasks
+
+    app, ledger = clients.celery, clients.ledger
     deadlines = Deadlines()
-    finisher = Finisher(pipeline.results, ledger, pipeline.metrics, settings.webhook_secret, app.backend)
+    finisher = Finisher(clients.results, ledger, pipeline.metrics, settings.webhook_secret, app.backend)
     register_tasks(app, pipeline, ledger, finisher, deadlines, health.progressed)
     intake = Intake(
         ledger,
@@ -80,24 +145,18 @@ def run_worker(settings: WorkerSettings) -> None:
     )
     app.conf.worker_consumer = consumer_class(intake)
     tolerate_unreadable_envelopes()
-    producer = Client(settings)
+
+    def send_again(job_id: str, payload: dict[str, Any], queue: str | None, force: bool) -> None:
+        clients.publisher.publish([(job_id, payload)], queue or settings.queue, force)
+
     recovery = Recovery(
         ledger,
-        producer.send_json,
+        send_again,
         settings.recover_interval_s,
-        stored=producer.peek,
+        stored=clients.reader.peek,
         ended=lambda job, result: finisher.finish(result, job, "stored"),
     )
-    lists = [name for queue in settings.queues for name in queue_lists(queue)]
-    # Its own client, with short timeouts: a slow Redis must not make the probe itself time out (a restart would
-    # not help; the consumer reconnects by itself).
-    probe_redis = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
-
-    def waiting() -> int:  # queued for this worker, or held by it and not started
-        pipe = probe_redis.pipeline(transaction=False)
-        for name in lists:
-            pipe.llen(name)
-        return sum(pipe.execute()) + len(worker_state.reserved_requests - worker_state.active_requests)
+    waiting = _waiting_count(settings)
 
     def consuming() -> None:
         health.progressed()
@@ -108,29 +167,31 @@ def run_worker(settings: WorkerSettings) -> None:
     worker_ready.connect(lambda **_: pipeline.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
     worker_shutting_down.connect(lambda **_: pipeline.metrics.ready.set(0), weak=False)
-    log.info(
-        "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queues %s",
-        pipeline.worker_name,
-        settings.model,
-        settings.max_batch_size,
-        settings.max_wait_ms,
-        settings.in_flight,
-        " then ".join(settings.queues),
-    )
-    argv = [
+    return recovery
+
+
+def _waiting_count(settings: WorkerSettings) -> Callable[[], int]:
+    """How many messages wait for this worker: queued in its queues, or held by it and not started (liveness)."""
+    lists = [name for queue in settings.queues for name in queue_lists(queue)]
+    probe_redis = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+
+    def waiting() -> int:
+        pipe = probe_redis.pipeline(transaction=False)
+        for name in lists:
+            pipe.llen(name)
+        return sum(pipe.execute()) + len(worker_state.reserved_requests - worker_state.active_requests)
+
+    return waiting
+
+
+def _worker_argv(settings: WorkerSettings, worker_name: str) -> list[str]:
+    return [
         "worker",
         "--pool=threads",
         f"--concurrency={settings.in_flight}",
         f"--queues={','.join(settings.queues)}",  # in the order they are served
         "--loglevel=INFO",
-        f"--hostname=vlmq-{pipeline.worker_name.replace(':', '-')}@%h",
+        f"--hostname=vlmq-{worker_name.replace(':', '-')}@%h",
         "--without-gossip",
         "--without-mingle",
     ]
-    try:
-        app.worker_main(argv)
-    finally:
-        recovery.stop()
-        pipeline.close()
-        if pipeline.restart_requested:  # a warm shutdown asked for by the worker itself: not a clean stop
-            raise SystemExit(EXIT_RESTART)

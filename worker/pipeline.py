@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 from producer.jobs import Job, JobResult, Timings, describe_invalid
 from producer.results import ResultStore
-from producer.storage import make_s3_client
 from worker import media
 from worker.devtools.faults import Faults
 from worker.engines import Engine, start_engine
@@ -63,7 +62,8 @@ class Pipeline:
         self,
         settings: WorkerSettings,
         engine: Engine,
-        s3_client: Any | None = None,
+        s3_client: Any,
+        results: ResultStore,
         metrics: Metrics | None = None,
         faults: Faults | None = None,
     ) -> None:
@@ -71,20 +71,18 @@ class Pipeline:
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.faults = faults
-        s3 = s3_client or make_s3_client(settings, max_connections=settings.in_flight + 4)
-        self.fetcher = media.MediaFetcher(settings, s3)
-        self.results = ResultStore(s3, settings)
+        self.fetcher = media.MediaFetcher(settings, s3_client)
+        self.results = results
         self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.restart_requested = False
 
     @classmethod
-    def start(cls, settings: WorkerSettings, metrics: Metrics | None = None) -> Pipeline:
+    def start(cls, settings: WorkerSettings, s3_client: Any, results: ResultStore, metrics: Metrics) -> Pipeline:
         """Load the model with the configured engine (once per process) and start its threads."""
-        metrics = metrics or Metrics()
         faults = Faults.parse(settings.faults)
         if faults is not None and faults.load_delay_s:
             time.sleep(faults.load_delay_s)
-        return cls(settings, start_engine(settings, metrics, faults), metrics=metrics, faults=faults)
+        return cls(settings, start_engine(settings, metrics, faults), s3_client, results, metrics, faults)
 
     def close(self) -> None:
         self.engine.close()

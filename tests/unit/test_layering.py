@@ -23,8 +23,9 @@ LAYERS: list[set[str]] = [
     {"worker.media", "worker.engines", "worker.gate", "worker.health"},
     {"worker.pipeline", "worker.lifecycle", "worker.recovery", "worker.consumer"},
     {"worker.tasks"},
-    {"worker.app"},
-    {"worker.devtools.tiny", "worker.devtools.local_services", "worker.devtools.demo", "producer.cli"},
+    {"worker.app", "worker.supervisor"},
+    {"worker.devtools.tiny", "worker.devtools.local_services"},
+    {"worker.devtools.demo", "producer.cli"},
 ]
 
 

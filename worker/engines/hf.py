@@ -8,14 +8,8 @@ A watchdog restarts the process when a batch runs past `VLMQ_BATCH_TIMEOUT_S` (a
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from producer.jobs import Generation
 from worker.batcher import Batcher
 from worker.devtools.faults import Faults
 from worker.engines.base import Generated
@@ -32,6 +26,7 @@ class HFEngine:
     def __init__(self, model: VisionLanguageModel, settings: WorkerSettings, metrics: Metrics) -> None:
         self.model = model
         self.name = model.name
+        self.prepare = model.prepare  # runs in the task threads, each with its own copy of the processor
         self.metrics = metrics
         self.watchdog = Watchdog(settings.batch_timeout_s, exit_for_restart)
         self.batcher: Batcher[Prepared, Generated] = Batcher(
@@ -50,15 +45,6 @@ class HFEngine:
         engine.batcher.start()
         engine.watchdog.start()
         return engine
-
-    def prepare(
-        self,
-        conversation: list[dict[str, Any]],
-        images: Sequence[Image.Image],
-        videos: Sequence[np.ndarray],
-        generation: Generation,
-    ) -> Prepared:
-        return self.model.prepare(conversation, images, videos, generation)
 
     def add(self, job_id: str, request: Prepared) -> Future[Generated]:
         return self.batcher.submit(request, request.batch_key(job_id))
