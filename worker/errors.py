@@ -17,7 +17,10 @@ VlmqError
 ├── Expired                expired              the job waited in the queue longer than its ttl_s
 └── Cancelled              cancelled            its batch was cancelled before the job started
 
-DeviceFailed is not a job's error: the device broke (a sticky CUDA error) and the worker process must end.
+Not job errors:
+- DeviceFailed: the device broke (a sticky CUDA error) and the worker process must end.
+- ConfigError: the worker cannot start with its settings (a missing package, a device that is not there);
+  `vlmq worker` prints its message and exits 2 before it takes any message.
 """
 
 from __future__ import annotations
@@ -141,3 +144,7 @@ class Cancelled(VlmqError):
 
 class DeviceFailed(Exception):
     """The device is in an unrecoverable state (e.g. a CUDA error other than out-of-memory): nothing more can run."""
+
+
+class ConfigError(RuntimeError):
+    """The worker's settings cannot work on this machine; the message says how to fix them (raised at start-up)."""

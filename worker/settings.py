@@ -11,6 +11,10 @@ from producer.settings import SharedSettings
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 VideoContainer = Literal["mp4", "matroska", "avi"]
+EngineName = Literal["auto", "hf", "vllm"]
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+Quantization = Literal["none", "4bit"]
+AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
 VIDEO_CONTAINERS: tuple[VideoContainer, ...] = ("mp4", "matroska", "avi")
 
 
@@ -18,7 +22,32 @@ class WorkerSettings(SharedSettings):
     """Settings of one worker process (one model, one device)."""
 
     model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local checkpoint path")
-    device: str = Field("auto", description="auto (CUDA with bf16 when present, else CPU fp32), cpu or cuda:N")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu or cuda:N")
+    engine: EngineName = Field(
+        "auto",
+        description="what runs the model: hf (transformers, the model card's code), vllm (continuous batching; "
+        "pip install 'vlmq[vllm]'), or auto: vllm when it is installed and CUDA is present, else hf",
+    )
+    dtype: Dtype = Field(
+        "auto",
+        description="weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float16 (the model "
+        "card's), bfloat16 or float32",
+    )
+    quantization: Quantization = Field(
+        "none",
+        description="4bit: bitsandbytes NF4 weights (hf engine; pip install bitsandbytes), as the model card shows",
+    )
+    attn_implementation: AttnImplementation = Field(
+        "sdpa", description="hf engine attention: sdpa, eager, or flash_attention_2 (needs CUDA and flash-attn)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm engine: share of the GPU's memory it may take (weights, KV cache)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=64, description="vllm engine: longest prompt plus answer, in tokens; default the model's own"
+    )
+    max_num_seqs: int = Field(128, ge=1, le=4096, description="vllm engine: most requests running at once")
+    enforce_eager: bool = Field(False, description="vllm engine: no CUDA graphs (less memory, slower decoding)")
     max_batch_size: int = Field(8, ge=1, le=256, description="most jobs in one generate() call")
     max_wait_ms: float = Field(50.0, ge=0, le=60_000, description="longest the oldest ready job waits for batch-mates")
     concurrency: int | None = Field(

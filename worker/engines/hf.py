@@ -37,7 +37,14 @@ class HFEngine:
     def start(cls, settings: WorkerSettings, metrics: Metrics, faults: Faults | None = None) -> HFEngine:
         """Load the model (once per process), then start the batcher and watchdog threads."""
         started = time.perf_counter()
-        model = VisionLanguageModel.load(settings.model, settings.device, settings.torch_threads)
+        model = VisionLanguageModel.load(
+            settings.model,
+            settings.device,
+            settings.torch_threads,
+            dtype=settings.dtype,
+            quantization=settings.quantization,
+            attn_implementation=settings.attn_implementation,
+        )
         model.faults = faults
         metrics.model_load_seconds.set(time.perf_counter() - started)
         metrics.watch_gpu_memory(model.memory_allocated)

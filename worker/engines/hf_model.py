@@ -12,6 +12,7 @@ returns what the model card's code returns for that job alone.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import threading
 import time
@@ -26,12 +27,19 @@ from PIL import Image
 from producer.jobs import Generation
 from worker.devtools.faults import Faults
 from worker.engines.base import Generated
-from worker.errors import DeviceFailed, InferenceError, OutOfMemory, VlmqError
+from worker.errors import ConfigError, DeviceFailed, InferenceError, OutOfMemory, VlmqError
 
 log = logging.getLogger(__name__)
 
 # Processor outputs that are stacked along the batch (first) dimension as they are.
 _CONCAT_KEYS = ("image_sizes", "batch_num_images", "image_sizes_videos")
+# float16 on CPU runs and, on the tiny model, returns float32's text; it is slow for prefill (measured on an AMD EPYC
+# with AVX512-BF16 but no AVX512-FP16: a 256x896 @ 896x4864 product took 3.8x float32's time, bfloat16 0.3x).
+CPU_FLOAT16_WARNING = (
+    "--dtype float16 on CPU: it runs, but PyTorch's CPU matrix products are several times slower in float16 than "
+    "in float32 on CPUs without AVX512-FP16 (float16 is the model card's choice for GPUs). "
+    "Hint: on CPU use --dtype auto (float32) or bfloat16"
+)
 
 
 def device_failed(exc: BaseException) -> bool:
@@ -46,14 +54,98 @@ def device_failed(exc: BaseException) -> bool:
 
 
 def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
-    """`auto` -> CUDA with bf16 when a GPU is present, else CPU with fp32."""
+    """`auto` -> CUDA with bf16 when a GPU is present, else CPU with fp32 (the device and its default dtype)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available. Hint: --device cpu")
+            raise ConfigError(f"device {device!r} was asked for but CUDA is not available. Hint: --device cpu")
         return torch.device(device), torch.bfloat16
     return torch.device("cpu"), torch.float32
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` -> the device's default (bf16 on CUDA, fp32 on CPU); else the named dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def check_load_options(device: torch.device, dtype: torch.dtype, quantization: str, attn_implementation: str) -> None:
+    """Refuse settings that cannot work here before any weights are read, each with how to fix it.
+
+    Raises:
+        ConfigError: a package the settings need is missing, or the device or dtype cannot run them.
+    """
+    if quantization == "4bit":
+        missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(
+                f"--quantization 4bit (VLMQ_QUANTIZATION=4bit) loads the weights with bitsandbytes, and "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed. "
+                "Hint: pip install 'vlmq[4bit]', or run unquantized with --quantization none"
+            )
+    if attn_implementation == "flash_attention_2":
+        hint = "Hint: or use --attn-implementation sdpa (PyTorch's fused attention, the default)"
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "--attn-implementation flash_attention_2 (VLMQ_ATTN_IMPLEMENTATION) needs the flash-attn package, "
+                "which is not installed. flash-attn has no wheel on PyPI: `pip install flash-attn "
+                f"--no-build-isolation` compiles it on a CUDA machine and needs the CUDA toolkit (nvcc). {hint}"
+            )
+        if device.type != "cuda":
+            raise ConfigError(
+                "--attn-implementation flash_attention_2 runs only on CUDA, and this worker's device is "
+                f"{device}. {hint}"
+            )
+        if dtype == torch.float32:
+            raise ConfigError(
+                "--attn-implementation flash_attention_2 runs in float16 or bfloat16 only, not float32. "
+                f"Hint: --dtype bfloat16 (or auto), {hint[6:]}"
+            )
+
+
+def _from_pretrained(
+    model_id: str, device: torch.device, dtype: torch.dtype, quantization: str, attn_implementation: str
+) -> Any:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    if quantization != "4bit":
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            model_id, dtype=dtype, low_cpu_mem_usage=True, attn_implementation=attn_implementation
+        )
+        return model.to(device).eval()  # type: ignore[arg-type]
+    from transformers import BitsAndBytesConfig
+
+    # As the model card's 4-bit example, with NF4 and the compute dtype named. bitsandbytes places the quantized
+    # weights while loading (device_map); a quantized model must not be moved with `.to()` afterwards.
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        model_id,
+        dtype=dtype,
+        quantization_config=config,
+        device_map={"": device},
+        attn_implementation=attn_implementation,
+    )
+    if device.type == "cpu":
+        _unpacked_on_cpu(model)
+    return model.eval()
+
+
+def _unpacked_on_cpu(model: Any) -> None:
+    """Keep bitsandbytes off its CPU repacking for layers whose input width is not a multiple of its block size.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weights at its first forward pass
+    (`_convert_weight_packed_for_cpu`), reshaping the block scales to (out, in // blocksize): for an input width
+    that is not a multiple of the block size (64) that reshape fails ("shape '[32, 0]' is invalid", seen with the
+    tiny model's 32-wide vision tower; SigLIP-so400m's fc2, 4,304 inputs, is not a multiple of 64 either). Those
+    layers take bitsandbytes' generic path (dequantize, then matmul) instead; they stay 4-bit.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and module.in_features % module.weight.blocksize:
+            module.support_avx512bf16_for_cpu = False
 
 
 @dataclass
@@ -82,13 +174,17 @@ class Prepared:
 class VisionLanguageModel:
     """One loaded LLaVA-OneVision model and its processor, on one device."""
 
-    def __init__(self, model: Any, processor: Any, *, name: str, device: torch.device) -> None:
+    def __init__(
+        self, model: Any, processor: Any, *, name: str, device: torch.device, dtype: torch.dtype | None = None
+    ) -> None:
         self.model = model
         self.processor = processor
         self.name = name
         self.device = device
         self.faults: Faults | None = None  # fault injection for tests (VLMQ_FAULTS)
-        self.dtype = next(model.parameters()).dtype
+        # The dtype pixel values are cast to: the model's compute dtype. A 4-bit model's quantized weights are uint8
+        # (bitsandbytes packs two NF4 values per byte), so its dtype is that of its floating-point parameters.
+        self.dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
         # transformers pads on the right by default; batched generation needs left padding, or each shorter
         # prompt would be followed by pad tokens and its continuation would differ from the same prompt alone.
         processor.tokenizer.padding_side = "left"
@@ -98,7 +194,15 @@ class VisionLanguageModel:
         self.load_seconds = 0.0
 
     @classmethod
-    def load(cls, model_id: str, device: str = "auto", torch_threads: int | None = None) -> VisionLanguageModel:
+    def load(
+        cls,
+        model_id: str,
+        device: str = "auto",
+        torch_threads: int | None = None,
+        dtype: str = "auto",
+        quantization: str = "none",
+        attn_implementation: str = "sdpa",
+    ) -> VisionLanguageModel:
         """Load a checkpoint the way the model card does (id or local path; honours HF_HUB_OFFLINE).
 
         Args:
@@ -106,25 +210,40 @@ class VisionLanguageModel:
             device: `auto`, `cpu`, `cuda` or `cuda:N`.
             torch_threads: torch's CPU threads per operation for this process; None: 1 with CUDA, else torch's
                 default.
+            dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float16`, `bfloat16` or `float32`.
+            quantization: `none`, or `4bit`: bitsandbytes NF4 weights computing in `dtype`.
+            attn_implementation: `sdpa`, `eager` or `flash_attention_2` (CUDA and the flash-attn package).
+
+        Raises:
+            ConfigError: the options cannot work here (checked before any weights are read).
         """
-        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+        from transformers import AutoProcessor
 
         started = time.perf_counter()
-        torch_device, dtype = resolve_device(device)
+        torch_device, _ = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        check_load_options(torch_device, torch_dtype, quantization, attn_implementation)
+        if torch_device.type == "cpu" and torch_dtype == torch.float16:
+            log.warning(CPU_FLOAT16_WARNING)
         # Many task threads run the processor's torch ops at once; an intra-op pool per op on top of them only
         # oversubscribes the cores (its idle threads spin). Measured on CPU: 1 thread halves the processor's
         # CPU time for the same wall time (BENCHMARKS.md).
         threads = torch_threads or (1 if torch_device.type == "cuda" else None)
         if threads:
             torch.set_num_threads(threads)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            model_id, dtype=dtype, low_cpu_mem_usage=True, attn_implementation="sdpa"
-        )
-        model = model.to(torch_device).eval()  # type: ignore[arg-type]
+        model = _from_pretrained(model_id, torch_device, torch_dtype, quantization, attn_implementation)
         processor = AutoProcessor.from_pretrained(model_id)
-        holder = cls(model, processor, name=model_id, device=torch_device)
+        holder = cls(model, processor, name=model_id, device=torch_device, dtype=torch_dtype)
         holder.load_seconds = time.perf_counter() - started
-        log.info("loaded %s on %s (%s) in %.1f s", model_id, torch_device, dtype, holder.load_seconds)
+        log.info(
+            "loaded %s on %s (%s%s, %s attention) in %.1f s",
+            model_id,
+            torch_device,
+            torch_dtype,
+            ", 4-bit NF4 weights" if quantization == "4bit" else "",
+            attn_implementation,
+            holder.load_seconds,
+        )
         return holder
 
     # -- task threads --------------------------------------------------------------------------------------------
