@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from producer.worker_flags import add_worker_arguments, child_flags, worker_overrides
+
 EXIT_FAILED = 1
 EXIT_NO_RESULT = 2
 
@@ -108,19 +110,12 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import run_worker
+    from worker.errors import ConfigError
     from worker.settings import WorkerSettings
 
-    overrides = {
-        "model": args.model,
-        "device": args.device,
-        "max_batch_size": args.max_batch_size,
-        "max_wait_ms": args.max_wait_ms,
-        "concurrency": args.concurrency,
-        "queue": args.queue,
-        "metrics_port": args.metrics_port,
-    }
+    overrides = worker_overrides(args)
     try:
-        settings = WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = WorkerSettings(**overrides)
     except ValidationError as exc:
         print(f"vlmq worker: invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_NO_RESULT
@@ -132,11 +127,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"vlmq worker: {exc}", file=sys.stderr)
             return EXIT_NO_RESULT
-        if str(overrides["device"] or "").startswith("cuda"):
-            overrides["device"] = "cuda:0"  # each child sees only its own GPU
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items() if v is not None and k != "metrics_port"]
-        return Supervisor(gpus, flags, metrics_port=settings.metrics_port).run()
-    run_worker(settings)
+        return Supervisor(gpus, child_flags(overrides), metrics_port=settings.metrics_port).run()
+    try:
+        run_worker(settings)
+    except ConfigError as exc:  # the settings cannot work here: the message says how to fix them; no traceback
+        print(f"vlmq worker: cannot start: {exc}", file=sys.stderr)
+        return EXIT_NO_RESULT
     return 0
 
 
@@ -280,19 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run a GPU worker: load the model, consume jobs in micro-batches")
-    p.add_argument("--model", help="Hugging Face id or local path (VLMQ_MODEL)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (VLMQ_DEVICE; default auto)")
-    p.add_argument("--max-batch-size", type=int, help="most jobs per generate() call (VLMQ_MAX_BATCH_SIZE; default 8)")
-    p.add_argument("--max-wait-ms", type=float, help="longest wait for batch-mates (VLMQ_MAX_WAIT_MS; default 50)")
-    p.add_argument("--concurrency", type=int, help="jobs in flight: fetching, decoding, batched (default 2 x batch)")
-    p.add_argument("--queue", help="bulk queue to consume (VLMQ_QUEUE; default vlmq), after VLMQ_INTERACTIVE_QUEUE")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz on this port (VLMQ_METRICS_PORT)")
-    p.add_argument(
-        "--gpus",
-        metavar="LIST",
-        help="one worker process per GPU under a supervisor that restarts them: 0,1,2,3 or all "
-        "(metrics ports: --metrics-port + GPU position)",
-    )
+    add_worker_arguments(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("health", help="exit 0 if the worker on this machine is alive (or --ready), else 1")

@@ -15,10 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from producer.cli import build_parser
 from producer.jobs import Generation, Job
+from producer.worker_flags import child_flags, worker_overrides
 from tests.reference import random_image
 from worker.engines.hf_model import CPU_FLOAT16_WARNING, VisionLanguageModel, resolve_dtype
 from worker.errors import ConfigError
+from worker.settings import WorkerSettings
 
 QUESTIONS = ["What is this?", "Describe it in detail.", "How many?"]
 SIZES = [(32, 32), (640, 480), (90, 300)]
@@ -126,3 +129,46 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_cuda() -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_worker_flags_set_the_engine_settings_and_are_passed_to_each_gpu_child() -> None:
+    argv = ["worker", "--device", "cuda:1", "--engine", "hf", "--dtype", "float16", "--quantization", "4bit"]
+    argv += ["--attn-implementation", "eager", "--gpu-memory-utilization", "0.5", "--max-model-len", "2048"]
+    argv += ["--max-num-seqs", "32", "--enforce-eager", "--metrics-port", "9900"]
+    overrides = worker_overrides(build_parser().parse_args(argv))
+    assert overrides == {
+        "device": "cuda:1",
+        "engine": "hf",
+        "dtype": "float16",
+        "quantization": "4bit",
+        "attn_implementation": "eager",
+        "metrics_port": 9900,
+        "gpu_memory_utilization": 0.5,
+        "max_model_len": 2048,
+        "max_num_seqs": 32,
+        "enforce_eager": True,
+    }
+    settings = WorkerSettings(**overrides)
+    assert (settings.dtype, settings.quantization, settings.enforce_eager) == ("float16", "4bit", True)
+    assert child_flags(overrides) == [
+        "--device=cuda:0",
+        "--engine=hf",
+        "--dtype=float16",
+        "--quantization=4bit",
+        "--attn-implementation=eager",
+        "--gpu-memory-utilization=0.5",
+        "--max-model-len=2048",
+        "--max-num-seqs=32",
+        "--enforce-eager",
+    ]
+    child = worker_overrides(build_parser().parse_args(["worker", *child_flags(overrides)]))
+    assert child == {k: v for k, v in overrides.items() if k != "metrics_port"} | {"device": "cuda:0"}
+    assert worker_overrides(build_parser().parse_args(["worker", "--no-enforce-eager"])) == {"enforce_eager": False}
+    assert worker_overrides(build_parser().parse_args(["worker"])) == {}
+
+
+def test_an_unknown_dtype_flag_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["worker", "--dtype", "float8"])
+    assert exited.value.code == 2
+    assert "argument --dtype: invalid choice: 'float8'" in capsys.readouterr().err

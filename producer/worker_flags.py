@@ -1,0 +1,102 @@
+"""The flags of `vlmq worker`: each one overrides the `VLMQ_` setting of the same name (worker/settings.py).
+
+Kept apart from cli.py so the command line stays thin; nothing here imports the worker (the CLI's `cmd_worker` does,
+when it runs). Choices are checked again by the worker's settings, which name the environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# Settings a flag may override, in the order `--help` lists them.
+SETTINGS = (
+    "model",
+    "device",
+    "engine",
+    "dtype",
+    "quantization",
+    "attn_implementation",
+    "max_batch_size",
+    "max_wait_ms",
+    "concurrency",
+    "queue",
+    "metrics_port",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "max_num_seqs",
+    "enforce_eager",
+)
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """The `vlmq worker` flags; an unset flag (None) leaves the environment's setting as it is."""
+    p.add_argument("--model", help="Hugging Face id or local path (VLMQ_MODEL)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (VLMQ_DEVICE; default auto)")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "hf", "vllm"),
+        help="what runs the model (VLMQ_ENGINE; default auto: vllm when installed and CUDA is present, else hf)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float16", "bfloat16", "float32"),
+        help="weights and activations (VLMQ_DTYPE; default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=("none", "4bit"),
+        help="4bit: bitsandbytes NF4 weights, pip install 'vlmq[4bit]' (VLMQ_QUANTIZATION; default none)",
+    )
+    p.add_argument(
+        "--attn-implementation",
+        choices=("sdpa", "flash_attention_2", "eager"),
+        help="hf engine attention (VLMQ_ATTN_IMPLEMENTATION; default sdpa); flash_attention_2 needs CUDA, flash-attn",
+    )
+    p.add_argument("--max-batch-size", type=int, help="most jobs per generate() call (VLMQ_MAX_BATCH_SIZE; default 8)")
+    p.add_argument("--max-wait-ms", type=float, help="longest wait for batch-mates (VLMQ_MAX_WAIT_MS; default 50)")
+    p.add_argument("--concurrency", type=int, help="jobs in flight: fetching, decoding, batched (default 2 x batch)")
+    p.add_argument("--queue", help="bulk queue to consume (VLMQ_QUEUE; default vlmq), after VLMQ_INTERACTIVE_QUEUE")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz on this port (VLMQ_METRICS_PORT)")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="vllm engine: share of the GPU's memory it may take (VLMQ_GPU_MEMORY_UTILIZATION; default 0.9)",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, help="vllm engine: longest prompt plus answer in tokens (VLMQ_MAX_MODEL_LEN)"
+    )
+    p.add_argument("--max-num-seqs", type=int, help="vllm engine: most requests running at once (VLMQ_MAX_NUM_SEQS)")
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        help="vllm engine: no CUDA graphs, less memory, slower decoding (VLMQ_ENFORCE_EAGER)",
+    )
+    p.add_argument(
+        "--gpus",
+        metavar="LIST",
+        help="one worker process per GPU under a supervisor that restarts them: 0,1,2,3 or all "
+        "(metrics ports: --metrics-port + GPU position)",
+    )
+
+
+def worker_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the flags set (unset flags left out)."""
+    values = {name: getattr(args, name) for name in SETTINGS}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def child_flags(overrides: dict[str, Any]) -> list[str]:
+    """The flags each `--gpus` child gets: the same overrides, one GPU each (the supervisor sets metrics ports)."""
+    flags = []
+    for name, value in overrides.items():
+        if name == "metrics_port":
+            continue
+        if name == "device" and str(value).startswith("cuda"):
+            value = "cuda:0"  # each child sees only its own GPU
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            flags.append(f"{flag}={value}")
+    return flags
