@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery, Task
+from celery.exceptions import Retry
 
 from producer.jobs import TASK_NAME, Job, JobResult
 from producer.ledger import Ledger
@@ -118,6 +120,8 @@ class JobRun:
             self.retry_later(exc)
             log.info("job %s failed: %s: %s", job.id, exc.code, exc.message)
             result, dead = self.pipeline.failed(job.id, exc, attempts, job.metadata), exc.retryable
+        except Retry:  # its result could not be written (S3 down): retried, not a bug
+            raise
         except Exception as exc:  # a bug, not bad input: still one coded, recorded result for the job
             log.exception("job %s: unexpected error", job.id)
             error = VlmqError(f"unexpected {type(exc).__name__}: {exc}. This is a vlmq bug; please report it")
@@ -137,8 +141,17 @@ class JobRun:
         return result.model_dump(mode="json")
 
     def stored_success(self) -> JobResult | None:
-        """The job's result in S3 if it succeeded (the commit point of a success)."""
-        stored = self.pipeline.results.read(self.task_id)
+        """The job's result in S3 if it succeeded (the commit point of a success).
+
+        When S3 cannot be read the job runs as if none were stored: running again is at-least-once delivery's
+        normal cost, and its own result write retries until S3 is back (a read error here used to end the task as
+        a Celery failure without a vlmq result).
+        """
+        try:
+            stored = self.pipeline.results.read(self.task_id)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("job %s: could not look for its stored result (%s); running it", self.task_id, exc)
+            return None
         return stored if stored is not None and stored.ok else None
 
     def batch_cancelled(self, batch: str | None) -> bool:
