@@ -120,6 +120,8 @@ def _from_pretrained(
     # As the model card's 4-bit example, with NF4 and the compute dtype named. bitsandbytes places the quantized
     # weights while loading (device_map); a quantized model must not be moved with `.to()` afterwards.
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # a device map names one device, with its index
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
         model_id,
         dtype=dtype,
@@ -144,7 +146,7 @@ def _unpacked_on_cpu(model: Any) -> None:
     from bitsandbytes.nn import Linear4bit
 
     for module in model.modules():
-        if isinstance(module, Linear4bit) and module.in_features % module.weight.blocksize:
+        if isinstance(module, Linear4bit) and module.in_features % getattr(module.weight, "blocksize", 64):
             module.support_avx512bf16_for_cpu = False
 
 
