@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 # Processor outputs that are stacked along the batch (first) dimension as they are.
 _CONCAT_KEYS = ("image_sizes", "batch_num_images", "image_sizes_videos")
-# float16 on CPU runs and, on the tiny model, returns float32's text; it is slow for prefill (measured on an AMD EPYC
-# with AVX512-BF16 but no AVX512-FP16: a 256x896 @ 896x4864 product took 3.8x float32's time, bfloat16 0.3x).
+# float16 on CPU runs and, on the tiny model, returned float32's text (6 of 6 image jobs, 32 tokens; 1.1x its time).
+# It is slow for prefill-sized products: on an AMD EPYC with AVX512-BF16 but no AVX512-FP16, one thread, a
+# 256x896 @ 896x4864 product took 3.8-4.9x float32's time in two runs (bfloat16: 0.3-0.75x; one-row decode products
+# were faster in float16: memory-bound).
 CPU_FLOAT16_WARNING = (
     "--dtype float16 on CPU: it runs, but PyTorch's CPU matrix products are several times slower in float16 than "
     "in float32 on CPUs without AVX512-FP16 (float16 is the model card's choice for GPUs). "
