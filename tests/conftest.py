@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -94,13 +95,29 @@ class Stack:
             )
         )
 
-    def start_worker(self, *args: str, env: dict[str, str] | None = None, ready_count: int = 1) -> Service:
+    def start_worker(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        ready_count: int = 1,
+        python: str | Path = sys.executable,
+        timeout_s: float = 120,
+    ) -> Service:
         """Start `vlmq worker` on the tiny model (CPU), with extra `VLMQ_` settings, and wait until it is ready
-        (`ready_count=0`: do not wait)."""
+        (`ready_count=0`: do not wait). `python`: the interpreter, e.g. the vLLM environment's."""
         name = f"worker-{len(self.workers)}"
         env = {**self.env, **(env or {})}
         worker = start_worker(
-            self.model, self.workdir, "--device", "cpu", *args, env=env, name=name, ready_count=ready_count
+            self.model,
+            self.workdir,
+            "--device",
+            "cpu",
+            *args,
+            env=env,
+            name=name,
+            ready_count=ready_count,
+            python=python,
+            timeout_s=timeout_s,
         )
         self.workers.append(worker)
         return worker

@@ -11,7 +11,8 @@ VlmqError
 │   ├── MediaTooLarge      media_too_large      bytes or pixels over the configured limits
 │   └── MediaUnavailable   media_unavailable    storage failed or throttled (retryable)
 ├── InferenceError         inference_failed     the model failed on this item
-│   └── OutOfMemory        out_of_memory        the item does not fit on the device even alone
+│   ├── OutOfMemory        out_of_memory        the item does not fit on the device even alone
+│   └── PromptTooLong      inference_failed     prompt over the engine's max_model_len (vllm)
 ├── ResultWriteFailed      result_write_failed  the result could not be written to S3 (retryable)
 ├── WorkerLost             worker_lost          workers died running the job, VLMQ_MAX_CRASHES times
 ├── Expired                expired              the job waited in the queue longer than its ttl_s
@@ -115,6 +116,17 @@ class OutOfMemory(InferenceError):
     """The item does not fit on the device even alone."""
 
     code = "out_of_memory"
+
+
+class PromptTooLong(InferenceError):
+    """The job's prompt (text plus media tokens) is longer than the engine takes (vllm's max_model_len)."""
+
+    @classmethod
+    def from_vllm(cls, reason: str) -> Self:
+        return cls(
+            f"the job's prompt is too long for the engine: {reason} Shorten the text, send fewer or smaller media, "
+            "or raise VLMQ_MAX_MODEL_LEN (up to the model's context length)"
+        )
 
 
 class ResultWriteFailed(VlmqError):

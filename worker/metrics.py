@@ -29,7 +29,12 @@ class Metrics:
         self.media_seconds = Histogram(
             "vlmq_media_seconds", "Fetch, decode and prepare of one job's media", buckets=SECONDS, registry=r
         )
-        self.batch_size = Histogram("vlmq_batch_size", "Items per generate call", buckets=BATCH_SIZES, registry=r)
+        self.batch_size = Histogram(
+            "vlmq_batch_size",
+            "Jobs per model call (hf: one generate; vllm: one engine step)",
+            buckets=BATCH_SIZES,
+            registry=r,
+        )
         self.model_seconds = Histogram(
             "vlmq_model_seconds", "Wall time of one batch in the model (generate)", buckets=SECONDS, registry=r
         )
@@ -40,9 +45,30 @@ class Metrics:
         self.model_load_seconds = Gauge("vlmq_model_load_seconds", "Time taken to load the model", registry=r)
         self.ready = Gauge("vlmq_ready", "1 once the model is loaded and the worker consumes jobs", registry=r)
         self.gpu_memory = Gauge("vlmq_gpu_memory_bytes", "Device memory allocated by torch (0 on CPU)", registry=r)
+        self.generated_tokens = Counter("vlmq_generated_tokens", "Tokens generated for jobs (useful work)", registry=r)
+        self.decode_slots = Counter(
+            "vlmq_decode_slots",
+            "Token positions the model decoded, padding included; over vlmq_generated_tokens: the padding waste",
+            registry=r,
+        )
+        self.running = Gauge("vlmq_engine_running_requests", "Requests the engine is running now (vllm)", registry=r)
+        self.waiting = Gauge("vlmq_engine_waiting_requests", "Requests waiting in the engine's scheduler", registry=r)
+        self.kv_cache_usage = Gauge("vlmq_engine_kv_cache_usage", "Share of the KV cache in use, 0 to 1", registry=r)
+        self.preemptions = Counter("vlmq_engine_preemptions", "Requests preempted for KV-cache space", registry=r)
+        self.time_to_first_token = Histogram(
+            "vlmq_time_to_first_token_seconds",
+            "From a request reaching the engine to its first token",
+            buckets=SECONDS,
+            registry=r,
+        )
 
     def finished(self, result: JobResult) -> None:
         self.jobs.labels(result.status, result.error.code if result.error else "").inc()
+
+    def generated(self, tokens: int, slots: int) -> None:
+        """`tokens` generated for jobs, at the cost of `slots` decoded positions (equal without padding)."""
+        self.generated_tokens.inc(tokens)
+        self.decode_slots.inc(slots)
 
     def batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -12,7 +12,9 @@
 - `load_delay_s`: loading the model takes this much longer (to observe a worker that is not ready yet);
 - `crash_on_message`: a message whose raw body contains this string kills the worker with SIGKILL while its
   consumer reads it, before any job starts (a message that crashes the consumer itself);
-- `wedge_on_message`: ... makes the consumer block for ever instead (a consumer that stopped consuming).
+- `wedge_on_message`: ... makes the consumer block for ever instead (a consumer that stopped consuming);
+- `kill_engine_on`: a job whose prompt contains this string kills the vllm engine's core process (SIGKILL), as a
+  CUDA crash inside it would.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Faults(BaseModel):
     load_delay_s: float | None = None
     crash_on_message: str | None = None
     wedge_on_message: str | None = None
+    kill_engine_on: str | None = None
 
     def on_job(self, uris: Sequence[str]) -> None:
         if self.crash_on and any(self.crash_on in uri for uri in uris):

@@ -96,10 +96,12 @@ def start_worker(
     name: str = "worker",
     timeout_s: float = 120,
     ready_count: int = 1,
+    python: str | Path = sys.executable,
 ) -> Service:
     """Start `vlmq worker --model MODEL ARGS...` (log in `workdir/NAME.log`) and wait until Celery says ready
-    (`ready_count` times: a `--gpus` supervisor's children each say it; 0: do not wait)."""
-    argv = [sys.executable, "-m", "producer.cli", "worker", "--model", str(model), *args]
+    (`ready_count` times: a `--gpus` supervisor's children each say it; 0: do not wait). `python`: the interpreter
+    (another environment's, e.g. the vLLM one's)."""
+    argv = [str(python), "-m", "producer.cli", "worker", "--model", str(model), *args]
     service = _spawn(name, argv, workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     service.kill_after_s = 30  # SIGTERM is a warm shutdown: the running batch finishes first
     try:

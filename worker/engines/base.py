@@ -21,10 +21,13 @@ from producer.jobs import Generation
 
 @dataclass
 class Generated:
-    """The text generated for one job, and how many jobs shared its model call."""
+    """The text generated for one job, how many jobs shared its model call, and its token counts."""
 
     text: str
     batch_size: int
+    prompt_tokens: int = 0
+    tokens: int = 0
+    decode_slots: int = 0  # positions decoded for it, padding included (a static batch decodes to its longest)
 
 
 class Engine(Protocol):

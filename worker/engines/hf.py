@@ -77,4 +77,6 @@ class HFEngine:
         finally:
             self.watchdog.end()
         self.metrics.batch(len(items), time.perf_counter() - started)
+        done = [o for o in outcomes if isinstance(o, Generated)]
+        self.metrics.generated(sum(g.tokens for g in done), sum(g.decode_slots for g in done))
         return outcomes

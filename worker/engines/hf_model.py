@@ -329,7 +329,20 @@ class VisionLanguageModel:
             output = self.model.generate(**inputs, **kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return [Generated(text=t.strip(), batch_size=len(items)) for t in texts]
+        lengths = self._lengths(new_tokens)
+        steps = int(new_tokens.shape[1])
+        return [
+            Generated(t.strip(), len(items), prompt_tokens=item.num_tokens, tokens=n, decode_slots=steps)
+            for t, item, n in zip(texts, items, lengths, strict=True)
+        ]
+
+    def _lengths(self, new_tokens: torch.Tensor) -> list[int]:
+        """Tokens each row generated: up to its first end-of-sequence token (the rest of its row is padding)."""
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = torch.tensor(eos if isinstance(eos, list) else [] if eos is None else [eos], device=new_tokens.device)
+        ended = torch.isin(new_tokens, eos_ids)
+        first_end = ended.int().argmax(dim=1) + 1
+        return torch.where(ended.any(dim=1), first_end, new_tokens.shape[1]).tolist()
 
     def generate_safely(self, items: Sequence[Prepared]) -> list[Generated | BaseException]:
         """`generate`, but a failure is confined to the items that cause it.

@@ -1,0 +1,227 @@
+"""The vLLM engine: continuous batching, paged KV cache, chunked prefill, prefix caching and (on GPU) CUDA graphs.
+
+A job becomes a vLLM request as soon as its media are decoded: no batch timer. vLLM's scheduler decides what runs
+together, step by step, so a short answer leaves the batch when it ends instead of padding to the longest one.
+
+The prompt is the one the hf engine builds (the checkpoint's chat template over the job's conversation); images go
+in as decoded images and videos as the frames vlmq sampled itself, so both engines see the same pixels (vLLM does not
+resample a frames array). Each job's `max_new_tokens`, `temperature`, `top_p` and `seed` become its request's
+sampling parameters, so a seeded job no longer needs to run alone. Texts are decoded from the generated token ids
+with the checkpoint's own tokenizer, exactly as the hf engine decodes them.
+
+vLLM's `AsyncLLM` runs the engine core in its own process and is driven here from one asyncio loop thread; task
+threads hand it requests with `asyncio.run_coroutine_threadsafe`. If the engine core dies, every request raises
+`EngineDeadError`: the worker exits with status 70 without acknowledging its jobs, as it does for a broken device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from producer.jobs import Generation
+from worker.devtools.faults import Faults
+from worker.engines.base import Generated
+from worker.errors import ConfigError, InferenceError, PromptTooLong
+from worker.metrics import Metrics
+from worker.settings import WorkerSettings
+from worker.watchdog import Watchdog, exit_for_restart
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One job as vLLM takes it: the rendered prompt, its media, its sampling parameters."""
+
+    prompt: str
+    media: dict[str, list[Any]]
+    sampling: Any  # vllm.SamplingParams
+
+
+def engine_args(settings: WorkerSettings, device_type: str) -> dict[str, Any]:
+    """vLLM's engine arguments for these settings (`AsyncEngineArgs(**engine_args(...))`)."""
+    if settings.attn_implementation != "sdpa":
+        raise ConfigError(
+            f"--attn-implementation {settings.attn_implementation} applies to the hf engine only: vLLM picks its own "
+            "attention kernels (FlashAttention on CUDA). Leave it unset with --engine vllm"
+        )
+    quantization = None
+    if settings.quantization == "4bit":
+        if device_type != "cuda":
+            raise ConfigError(
+                "--quantization 4bit on the vllm engine needs CUDA (vLLM's bitsandbytes); on CPU use "
+                "--engine hf --quantization 4bit"
+            )
+        quantization = "bitsandbytes"
+    dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    return {
+        "model": settings.model,
+        "dtype": dtype,
+        "quantization": quantization,
+        "max_model_len": settings.max_model_len,
+        "max_num_seqs": settings.max_num_seqs,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "enforce_eager": settings.enforce_eager,
+        "limit_mm_per_prompt": {"image": settings.max_media_per_job, "video": settings.max_media_per_job},
+        "seed": 0,
+        "disable_log_stats": True,  # vLLM's own loggers off; vlmq's below still receive the statistics
+    }
+
+
+class VLLMEngine:
+    """vLLM's `AsyncLLM` behind vlmq's engine interface (see `worker.engines.base.Engine`)."""
+
+    def __init__(self, settings: WorkerSettings, metrics: Metrics, faults: Faults | None = None) -> None:
+        from transformers import AutoProcessor
+
+        self.name = settings.model
+        self.metrics = metrics
+        self.faults = faults
+        self.watchdog = Watchdog(settings.batch_timeout_s, exit_for_restart)
+        self.processor = AutoProcessor.from_pretrained(settings.model)
+        self._tokenizer_lock = threading.Lock()
+        self._in_flight = 0
+        self.running = 0  # requests running in the engine's last step (from its statistics)
+        self._count_lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="vlmq-vllm", daemon=True)
+        self.llm: Any = None
+
+    @classmethod
+    def start(cls, settings: WorkerSettings, metrics: Metrics, faults: Faults | None = None) -> VLLMEngine:
+        """Start vLLM's engine core (its own process) and the loop thread that drives it."""
+        try:
+            import vllm  # noqa: F401  (a clear error before anything else is loaded)
+        except ImportError:
+            raise ConfigError("--engine vllm needs vLLM: pip install 'vlmq[vllm]' (or --engine hf)") from None
+        started = time.perf_counter()
+        engine = cls(settings, metrics, faults)
+        engine._thread.start()
+        engine.llm = asyncio.run_coroutine_threadsafe(engine._create(settings), engine.loop).result()
+        metrics.model_load_seconds.set(time.perf_counter() - started)
+        engine.watchdog.start()
+        log.info("vLLM engine ready for %s in %.1f s", settings.model, time.perf_counter() - started)
+        return engine
+
+    async def _create(self, settings: WorkerSettings) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**engine_args(settings, current_platform.device_type))
+        return AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_logger])
+
+    def _stat_logger(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from worker.engines.vllm_stats import StatsToMetrics
+
+        return StatsToMetrics(vllm_config, engine_index, self.metrics, self._progressed)
+
+    def _progressed(self, running: int) -> None:
+        """The engine finished a step. A hung engine is one that stops stepping with requests in flight."""
+        self.running = running
+        with self._count_lock:
+            if self._in_flight:
+                self.watchdog.begin()
+
+    def prepare(
+        self,
+        conversation: list[dict[str, Any]],
+        images: Sequence[Image.Image],
+        videos: Sequence[np.ndarray],
+        generation: Generation,
+    ) -> Request:
+        from vllm import SamplingParams
+
+        with self._tokenizer_lock:  # Rust tokenizers refuse concurrent use of one instance
+            prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        media: dict[str, list[Any]] = {}
+        if images:
+            media["image"] = list(images)
+        if videos:
+            media["video"] = list(videos)
+        greedy = generation.temperature == 0
+        sampling = SamplingParams(
+            max_tokens=generation.max_new_tokens,
+            temperature=generation.temperature,
+            top_p=1.0 if greedy else generation.top_p,
+            seed=None if greedy else generation.seed,
+            detokenize=False,  # decoded below with the checkpoint's tokenizer, as the hf engine decodes
+        )
+        return Request(prompt=prompt, media=media, sampling=sampling)
+
+    def add(self, job_id: str, request: Request) -> Future[Generated]:
+        with self._count_lock:
+            if self._in_flight == 0:
+                self.watchdog.begin()
+            self._in_flight += 1
+        return asyncio.run_coroutine_threadsafe(self._generate(job_id, request), self.loop)
+
+    async def _generate(self, job_id: str, request: Request) -> Generated:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        final = None
+        try:
+            if self.faults is not None and self.faults.kill_engine_on and self.faults.kill_engine_on in request.prompt:
+                self._kill_engine_core()
+            inputs = {"prompt": request.prompt, "multi_modal_data": request.media}
+            async for output in self.llm.generate(inputs, request.sampling, f"{job_id}-{uuid.uuid4().hex[:8]}"):
+                final = output
+        except EngineDeadError as exc:
+            exit_for_restart(f"the vLLM engine died ({exc}); nothing more can run in this process")
+            raise
+        except VLLMValidationError as exc:
+            raise PromptTooLong.from_vllm(str(exc)) from None
+        except ValueError as exc:  # vLLM's processor call failed on this job's inputs
+            raise InferenceError(f"the processor could not prepare this job's inputs: {exc}") from None
+        finally:
+            self._done()
+        assert final is not None and final.finished
+        ids = list(final.outputs[0].token_ids)
+        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        prompt_tokens = len(final.prompt_token_ids or ())
+        # batch_size: the requests running in the engine's last step, this one included
+        return Generated(
+            text, max(self.running, 1), prompt_tokens=prompt_tokens, tokens=len(ids), decode_slots=len(ids)
+        )
+
+    def _done(self) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.watchdog.end()
+
+    def _kill_engine_core(self) -> None:
+        """Fault injection (`kill_engine_on`): the engine core process dies, as on a CUDA crash inside it."""
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            if child.name().startswith("VLLM::EngineCor"):
+                child.kill()
+
+    def probe(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.llm.check_health(), self.loop).result(timeout=30)
+
+    def busy_for(self) -> float | None:
+        return self.watchdog.age()
+
+    def close(self) -> None:
+        """Requests already added finish (the task threads wait for them before a warm shutdown ends)."""
+        self.watchdog.stop()
+        deadline = time.monotonic() + 60
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.llm is not None:
+            self.llm.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
