@@ -35,7 +35,7 @@ class WorkerSettings(SharedSettings):
     )
     quantization: Quantization = Field(
         "none",
-        description="4bit: bitsandbytes NF4 weights (hf engine; pip install bitsandbytes), as the model card shows",
+        description="4bit: bitsandbytes NF4 weights, as on the model card (pip install 'vlmq[4bit]'; vllm: CUDA only)",
     )
     attn_implementation: AttnImplementation = Field(
         "sdpa", description="hf engine attention: sdpa, eager, or flash_attention_2 (needs CUDA and flash-attn)"

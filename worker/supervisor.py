@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
+# `vlmq worker` exits 2 when its settings cannot work on this machine (invalid, or a ConfigError at start-up).
+EXIT_CANNOT_START = 2
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
 HEALTHY_AFTER_S = 60.0  # a child that ran this long before exiting is restarted without delay growth
@@ -61,6 +63,7 @@ class Supervisor:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     children: dict[str, Child] = field(default_factory=dict)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    status: int = 0
 
     def child_env(self, index: int, gpu: str) -> dict[str, str]:
         # GPU numbers count within what this process may see: with CUDA_VISIBLE_DEVICES=2,3 (Slurm, shared hosts),
@@ -100,6 +103,11 @@ class Supervisor:
         status = child.proc.poll()
         if status is None:
             return
+        if status == EXIT_CANNOT_START:  # settings that cannot work here: a restart would fail the same way
+            log.error("the worker for GPU %s cannot start with these settings (see its message); stopping", child.gpu)
+            self.status = EXIT_CANNOT_START
+            self._stopping.set()
+            return
         if now - child.started >= HEALTHY_AFTER_S:
             child.backoff_s = MIN_BACKOFF_S
         log.warning(
@@ -119,4 +127,4 @@ class Supervisor:
             proc.send_signal(signal.SIGTERM)
         for proc in running:
             proc.wait()
-        return 0
+        return self.status
