@@ -4,7 +4,7 @@ PYTHON ?= python3
 #   make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint validate-deploy bench vllm-env
+.PHONY: install demo test lint validate-deploy bench vllm-env bench-gpu
 
 install:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
@@ -30,7 +30,13 @@ vllm-env:
 	@PYTHON=$(PYTHON) tests/vllm-env/make.sh .venv-vllm
 
 test: lint vllm-env
-	$(PYTHON) -m pytest
+	VLMQ_REQUIRE_VLLM_TESTS=1 $(PYTHON) -m pytest
 
 bench: install
 	$(PYTHON) bench/throughput.py
+
+# On a CUDA machine where vlmq and the GPU build of vLLM are installed (pip install -e '.[worker,vllm,test]'); no
+# `install` step: that machine has no internet. At most 8 minutes; appends to BENCHMARKS.md. Without CUDA it stops at
+# once; `python bench/gpu.py --smoke` runs the same code path on a CPU.
+bench-gpu:
+	$(PYTHON) bench/gpu.py

