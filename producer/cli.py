@@ -255,8 +255,8 @@ def _batch_status(batch: Any, watch: bool, as_json: bool) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from worker.devtools.tiny import make_tiny_model
 
-    path = make_tiny_model(args.dir, seed=args.seed)
-    print(f"wrote a random-weight LLaVA-OneVision checkpoint to {path} (its text is meaningless)")
+    path = make_tiny_model(args.dir, seed=args.seed, preset=args.preset)
+    print(f"wrote a random-weight LLaVA-OneVision checkpoint ({args.preset}) to {path} (its text is meaningless)")
     return 0
 
 
@@ -354,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-model", help="write a random-weight LLaVA-OneVision checkpoint for tests/demos")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "0.5b"],
+        default="tiny",
+        help="tiny: ~1 MB, tests and demos (default); 0.5b: the real 0.5B model's shapes, ~1.8 GB, GPU benchmarks",
+    )
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("demo", help="everything local, end to end: Redis, S3, a worker, sample images")

@@ -124,8 +124,8 @@ class PromptTooLong(InferenceError):
     @classmethod
     def from_vllm(cls, reason: str) -> Self:
         return cls(
-            f"the job's prompt is too long for the engine: {reason} Shorten the text, send fewer or smaller media, "
-            "or raise VLMQ_MAX_MODEL_LEN (up to the model's context length)"
+            f"the job's prompt is longer than the engine's max_model_len: {reason} Shorten the text, send fewer or "
+            "smaller media, or raise VLMQ_MAX_MODEL_LEN (up to the model's context length)"
         )
 
 

@@ -35,6 +35,7 @@ def start_vllm_worker(stack: Stack, *args: str, env: dict[str, str] | None = Non
     return stack.start_worker(
         "--engine",
         "vllm",
+        "--enforce-eager",  # on CPU, compiling the model takes longer than these tests run it
         *args,
         env={**VLLM_ENV, **(env or {})},
         python=VLLM_PYTHON,

@@ -45,7 +45,7 @@ class Request:
     """One job as vLLM takes it: the rendered prompt, its media, its sampling parameters."""
 
     prompt: str
-    media: dict[str, list[Any]]
+    media: dict[str, Any]  # vLLM's multi_modal_data
     sampling: Any  # vllm.SamplingParams
 
 
@@ -93,6 +93,7 @@ class VLLMEngine:
         self._tokenizer_lock = threading.Lock()
         self._in_flight = 0
         self.running = 0  # requests running in the engine's last step (from its statistics)
+        self._stopped = threading.Event()
         self._count_lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="vlmq-vllm", daemon=True)
@@ -111,6 +112,7 @@ class VLLMEngine:
         engine.llm = asyncio.run_coroutine_threadsafe(engine._create(settings), engine.loop).result()
         metrics.model_load_seconds.set(time.perf_counter() - started)
         engine.watchdog.start()
+        threading.Thread(target=engine._watch_engine_core, name="vlmq-vllm-alive", daemon=True).start()
         log.info("vLLM engine ready for %s in %.1f s", settings.model, time.perf_counter() - started)
         return engine
 
@@ -145,11 +147,13 @@ class VLLMEngine:
 
         with self._tokenizer_lock:  # Rust tokenizers refuse concurrent use of one instance
             prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        media: dict[str, list[Any]] = {}
+        # One item of a kind goes in bare, not in a list: vLLM 0.32 gives a list of one video an extra leading
+        # dimension in LLaVA-OneVision's embeddings, and its engine core dies asserting on the shape.
+        media: dict[str, Any] = {}
         if images:
-            media["image"] = list(images)
+            media["image"] = images[0] if len(images) == 1 else list(images)
         if videos:
-            media["video"] = list(videos)
+            media["video"] = videos[0] if len(videos) == 1 else list(videos)
         greedy = generation.temperature == 0
         sampling = SamplingParams(
             max_tokens=generation.max_new_tokens,
@@ -174,7 +178,7 @@ class VLLMEngine:
         final = None
         try:
             if self.faults is not None and self.faults.kill_engine_on and self.faults.kill_engine_on in request.prompt:
-                self._kill_engine_core()
+                self.loop.call_later(0.2, self._kill_engine_core)  # while its request runs
             inputs = {"prompt": request.prompt, "multi_modal_data": request.media}
             async for output in self.llm.generate(inputs, request.sampling, f"{job_id}-{uuid.uuid4().hex[:8]}"):
                 final = output
@@ -189,6 +193,7 @@ class VLLMEngine:
             self._done()
         assert final is not None and final.finished
         ids = list(final.outputs[0].token_ids)
+        self.metrics.generated(len(ids), len(ids))  # continuous batching decodes no padding
         text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
         prompt_tokens = len(final.prompt_token_ids or ())
         # batch_size: the requests running in the engine's last step, this one included
@@ -210,6 +215,14 @@ class VLLMEngine:
             if child.name().startswith("VLLM::EngineCor"):
                 child.kill()
 
+    def _watch_engine_core(self) -> None:
+        """Exit (70) as soon as vLLM marks its engine core dead, even with no request waiting to be told: a request
+        added in the moment of the death can wait for ever (seen with vLLM 0.32: its renderer is shut down)."""
+        while not self._stopped.wait(0.5):
+            if self.llm.errored:
+                exit_for_restart("the vLLM engine died (its engine core process ended); nothing more can run here")
+                return
+
     def probe(self) -> None:
         asyncio.run_coroutine_threadsafe(self.llm.check_health(), self.loop).result(timeout=30)
 
@@ -219,6 +232,7 @@ class VLLMEngine:
     def close(self) -> None:
         """Requests already added finish (the task threads wait for them before a warm shutdown ends)."""
         self.watchdog.stop()
+        self._stopped.set()
         deadline = time.monotonic() + 60
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
