@@ -14,7 +14,9 @@
   consumer reads it, before any job starts (a message that crashes the consumer itself);
 - `wedge_on_message`: ... makes the consumer block for ever instead (a consumer that stopped consuming);
 - `kill_engine_on`: a job whose prompt contains this string kills the vllm engine's core process (SIGKILL), as a
-  CUDA crash inside it would.
+  CUDA crash inside it would;
+- `noop_engine`: the worker runs the no-op engine instead of a model (worker/engines/noop.py): the checkpoint's real
+  processor, then this fixed text for every job at once. For bench/overhead.py and tests of the per-job machinery.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Faults(BaseModel):
     crash_on_message: str | None = None
     wedge_on_message: str | None = None
     kill_engine_on: str | None = None
+    noop_engine: str | None = None
 
     def on_job(self, uris: Sequence[str]) -> None:
         if self.crash_on and any(self.crash_on in uri for uri in uris):

@@ -3,7 +3,8 @@
 - `hf`: transformers' `generate` on dynamic micro-batches, the model card's code path (the reference).
 - `vllm`: vLLM's continuous batching (`pip install 'vlmq[vllm]'`), same prompts, frames and decoding.
 
-`VLMQ_ENGINE=auto` picks vllm when it is installed and CUDA is present, else hf.
+`VLMQ_ENGINE=auto` picks vllm when it is installed and CUDA is present, else hf. A third, `noop` (the real
+processor, no model), is a bench and test seam chosen only through `VLMQ_FAULTS` (worker/engines/noop.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def choose_engine(settings: WorkerSettings) -> str:
 
 def start_engine(settings: WorkerSettings, metrics: Metrics, faults: Faults | None = None) -> Engine:
     """Load the model with the engine the settings name, and start its threads."""
+    if faults is not None and faults.noop_engine is not None:  # bench/overhead.py and tests: no model at all
+        from worker.engines.noop import NoopEngine
+
+        return NoopEngine.start(settings, metrics, faults.noop_engine)
     name = choose_engine(settings)
     log.info("engine: %s%s", name, " (VLMQ_ENGINE=auto)" if settings.engine == "auto" else "")
     if name == "vllm":
