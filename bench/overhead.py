@@ -13,11 +13,14 @@ Two workloads, one after the other on the same warm worker: `jpeg` (640x480 JPEG
 1. measured: jobs/s (wall time from the first submission to the last result) and CPU per job of each process,
    from psutil (user + system, before/after): the worker process with its children, redis-server and SeaweedFS.
    This bench process (the producer: submitting and polling) is shown but is not the worker's cost.
-2. sampled (when py-spy is installed, `pip install py-spy`): the same jobs again under `py-spy record --nonblocking`
-   at 100 Hz, which reads the worker's Python stacks without pausing it and keeps only threads that are running
-   (not waiting on a lock, the GIL or a socket). Each sample goes to the first stage in STAGES whose frame is on its
-   stack; a stage's ms per job is its share of the samples times the worker's CPU per job of pass 1. Native threads
-   without Python frames are not seen; "sampled / measured" says how much of the CPU the samples account for.
+2. sampled (when py-spy is installed, `pip install py-spy`): the same jobs again under `py-spy record --gil
+   --nonblocking` at 100 Hz, which reads the worker's Python stacks without pausing it and keeps, at each tick, the
+   stack of the thread holding the GIL (nothing when no thread holds it). Each sample goes to the first stage in
+   STAGES whose frame is on its stack; a stage's GIL ms per job is its samples x 10 ms / jobs. The GIL is what
+   caps one worker process at about one core, so that is the split that matters here; the worker's CPU outside
+   the GIL (measured CPU - GIL time: native code that releases it, such as Pillow's decoder and torch's ops in the
+   processor) is a row of its own, not split by stage. (Without --gil, py-spy also counts threads waiting for the
+   GIL as active: 3-4x the measured CPU here, so that mode cannot split CPU.)
 
     python bench/overhead.py [--label before] [--jobs 400] [--concurrency 32] [--processor 0.5b] [--out BENCHMARKS.md]
 """
@@ -139,6 +142,12 @@ class Pass:
     seconds: float
     cpu_ms: dict[str, float]  # per job, by process
     samples: Counter[str] = field(default_factory=Counter)
+    sampled_s: float = 0.0  # wall time of the sampled pass's jobs
+
+    def gil_ms(self, stage: str | None = None) -> float:
+        """Ms per job the GIL was held, in `stage` or in all."""
+        n = sum(self.samples.values()) if stage is None else self.samples[stage]
+        return 1000 * n / SAMPLE_HZ / self.jobs
 
     @property
     def jobs_per_s(self) -> float:
@@ -168,16 +177,26 @@ def stage_of(stack: str) -> str:
     return next((stage for stage, frame in STAGES if frame in stack), OTHER)
 
 
-def sample(client: Client, pid: int, uris: list[str], work: Path) -> Counter[str]:
+def sample(client: Client, pid: int, uris: list[str], work: Path) -> tuple[Counter[str], float]:
     """Samples per stage of the worker's running threads while it runs `uris` (py-spy, see the module docstring)."""
     raw = work / f"py-spy-{time.monotonic_ns()}.txt"
-    argv = ["py-spy", "record", "--pid", str(pid), "--rate", str(SAMPLE_HZ), "--nonblocking", "--full-filenames"]
+    argv = [
+        "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        str(SAMPLE_HZ),
+        "--nonblocking",
+        "--gil",
+        "--full-filenames",
+    ]
     spy = subprocess.Popen(
         [*argv, "--format", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     time.sleep(1.0)  # py-spy attaches before the first job
     try:
-        run_jobs(client, uris)
+        seconds = run_jobs(client, uris)
     finally:
         spy.send_signal(signal.SIGINT)
         _, err = spy.communicate(timeout=60)
@@ -187,7 +206,7 @@ def sample(client: Client, pid: int, uris: list[str], work: Path) -> Counter[str
         stack, _, n = line.rpartition(" ")
         if stack and n.isdigit():
             counts[stage_of(stack)] += int(n)
-    return counts
+    return counts, seconds
 
 
 def start(model_dir: Path, work: Path, env: dict[str, str], concurrency: int) -> tuple[Service, Client]:
@@ -222,7 +241,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Pass]:
                 out[kind] = m = measure(client, procs, kind_uris[args.warm_up :])
                 print(f"{kind}: {m.jobs_per_s:.1f} jobs/s, CPU ms/job {m.cpu_ms}", flush=True)
                 if shutil.which("py-spy") and not args.no_sample:
-                    m.samples = sample(client, worker.proc.pid, kind_uris[args.warm_up :], work)
+                    m.samples, m.sampled_s = sample(client, worker.proc.pid, kind_uris[args.warm_up :], work)
                     print(f"{kind} samples: {dict(m.samples)}", flush=True)
         finally:
             worker.stop()
@@ -247,14 +266,20 @@ def tables(passes: dict[str, Pass]) -> str:
     if not all(p.samples for p in passes.values()):
         return text + "\n\n(no stage split: py-spy is not installed)"
     stages = list(dict.fromkeys([s for s, _ in STAGES] + [OTHER]))
-    split = [f"| worker CPU by stage, ms/job | {' | '.join(kinds)} |", f"|---|{'---:|' * len(kinds)}"]
+    split = [f"| worker, GIL held by stage, ms/job (share) | {' | '.join(kinds)} |", f"|---|{'---:|' * len(kinds)}"]
     for stage in stages:
-        shares = [(p.cpu_ms["worker"], p.samples[stage] / sum(p.samples.values())) for p in passes.values()]
-        split.append(f"| {stage} | {' | '.join(f'{ms * share:.1f} ({share:.0%})' for ms, share in shares)} |")
-    coverage = [
-        f"{1000 * sum(p.samples.values()) / SAMPLE_HZ / p.jobs / p.cpu_ms['worker']:.0%}" for p in passes.values()
-    ]
-    split.append(f"| sampled / measured worker CPU | {' | '.join(coverage)} |")
+        shares = " | ".join(f"{p.gil_ms(stage):.1f} ({p.gil_ms(stage) / p.gil_ms():.0%})" for p in passes.values())
+        split.append(f"| {stage} | {shares} |")
+    totals = {
+        "**GIL held, all stages**": [f"**{p.gil_ms():.1f}**" for p in passes.values()],
+        "worker CPU outside the GIL (measured CPU - GIL held)": [
+            f"{p.cpu_ms['worker'] - p.gil_ms():.1f}" for p in passes.values()
+        ],
+        "GIL held, share of the sampled pass's wall time": [
+            f"{p.gil_ms() * p.jobs / 1000 / p.sampled_s:.0%}" for p in passes.values()
+        ],
+    }
+    split += [f"| {name} | {' | '.join(cells)} |" for name, cells in totals.items()]
     return text + "\n\n" + "\n".join(split)
 
 
