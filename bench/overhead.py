@@ -264,7 +264,7 @@ def tables(passes: dict[str, Pass]) -> str:
     )
     text = head + "\n".join(rows)
     if not all(p.samples for p in passes.values()):
-        return text + "\n\n(no stage split: py-spy is not installed)"
+        return text + "\n\n(no stage split: --no-sample, or py-spy is not installed)"
     stages = list(dict.fromkeys([s for s, _ in STAGES] + [OTHER]))
     split = [f"| worker, GIL held by stage, ms/job (share) | {' | '.join(kinds)} |", f"|---|{'---:|' * len(kinds)}"]
     for stage in stages:
