@@ -123,7 +123,7 @@ def test_requests_join_while_others_run_and_each_stays_exact(stack: Stack) -> No
     handles = []
     for job in jobs:  # staggered: each arrives while earlier ones are decoding
         handles.append(client.submit(job, priority="bulk"))
-        time.sleep(0.15)
+        time.sleep(0.05)
     results = [h.result(timeout=600) for h in handles]
 
     assert [r.text for r in results] == expected
@@ -161,7 +161,8 @@ def test_a_dead_engine_exits_70_and_the_next_worker_finishes_every_job_once(stac
     photos = {f"d{i}.png": random_image(40 + 8 * i, 48, seed=90 + i) for i in range(5)}
     uri = put(stack, {n: encode(p, "PNG") for n, p in photos.items()})
     jobs = [Job(media=[uri[n]], max_new_tokens=TOKENS) for n in photos]
-    jobs.append(Job(task="qa", media=[uri["d0.png"]], question="ENGINE-KILLER?", max_new_tokens=TOKENS))
+    # The killer asks for many tokens, so that it is still decoding when its engine core dies.
+    jobs.append(Job(task="qa", media=[uri["d0.png"]], question="ENGINE-KILLER?", max_new_tokens=2048))
     faults = {**FAST_REDELIVERY, "VLMQ_FAULTS": '{"kill_engine_on": "ENGINE-KILLER"}'}
     first = start_vllm_worker(stack, env=faults)
     client = stack.client()
@@ -178,5 +179,8 @@ def test_a_dead_engine_exits_70_and_the_next_worker_finishes_every_job_once(stac
         for n in photos
     ]
     assert results[5].worker is not None and results[5].worker.endswith(f":{second.proc.pid}")
-    runs = count_in_logs(stack, r"job (\S+) finished: ")
-    assert sorted(runs[h.id] for h in handles) == [1] * len(jobs)
+    runs = count_in_logs(stack, r"job (\S+) finished: ")  # logged once its result is stored
+    stored = count_in_logs(stack, r"job (\S+) already succeeded")  # a copy found that result stored
+    # Once each: a job ran to its end in one worker; a job whose end was stored by the dying worker just before it
+    # exited (its log line lost with it) was not run again, its redelivered copy returned the stored result.
+    assert all(runs[h.id] == 1 or (runs[h.id] == 0 and stored[h.id] >= 1) for h in handles), (runs, stored)

@@ -93,6 +93,7 @@ class VLLMEngine:
         self._tokenizer_lock = threading.Lock()
         self._in_flight = 0
         self.running = 0  # requests running in the engine's last step (from its statistics)
+        self._peaks: dict[str, int] = {}  # per request in the engine: the most requests run in one step since
         self._stopped = threading.Event()
         self._count_lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
@@ -132,6 +133,8 @@ class VLLMEngine:
     def _progressed(self, running: int) -> None:
         """The engine finished a step. A hung engine is one that stops stepping with requests in flight."""
         self.running = running
+        for request_id, peak in self._peaks.items():  # this runs on the loop thread, as _generate does
+            self._peaks[request_id] = max(peak, running)
         with self._count_lock:
             if self._in_flight:
                 self.watchdog.begin()
@@ -176,11 +179,13 @@ class VLLMEngine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         final = None
+        request_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
+        self._peaks[request_id] = 1
         try:
             if self.faults is not None and self.faults.kill_engine_on and self.faults.kill_engine_on in request.prompt:
                 self.loop.call_later(0.2, self._kill_engine_core)  # while its request runs
             inputs = {"prompt": request.prompt, "multi_modal_data": request.media}
-            async for output in self.llm.generate(inputs, request.sampling, f"{job_id}-{uuid.uuid4().hex[:8]}"):
+            async for output in self.llm.generate(inputs, request.sampling, request_id):
                 final = output
         except EngineDeadError as exc:
             exit_for_restart(f"the vLLM engine died ({exc}); nothing more can run in this process")
@@ -191,15 +196,14 @@ class VLLMEngine:
             raise InferenceError(f"the processor could not prepare this job's inputs: {exc}") from None
         finally:
             self._done()
+            batch_size = self._peaks.pop(request_id)
         assert final is not None and final.finished
         ids = list(final.outputs[0].token_ids)
         self.metrics.generated(len(ids), len(ids))  # continuous batching decodes no padding
         text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
         prompt_tokens = len(final.prompt_token_ids or ())
-        # batch_size: the requests running in the engine's last step, this one included
-        return Generated(
-            text, max(self.running, 1), prompt_tokens=prompt_tokens, tokens=len(ids), decode_slots=len(ids)
-        )
+        # batch_size: the most requests that ran in one engine step while this one was in the engine
+        return Generated(text, batch_size, prompt_tokens=prompt_tokens, tokens=len(ids), decode_slots=len(ids))
 
     def _done(self) -> None:
         with self._count_lock:
