@@ -92,7 +92,6 @@ class VLLMEngine:
         self.processor = AutoProcessor.from_pretrained(settings.model)
         self._tokenizer_lock = threading.Lock()
         self._in_flight = 0
-        self.running = 0  # requests running in the engine's last step (from its statistics)
         self._peaks: dict[str, int] = {}  # per request in the engine: the most requests run in one step since
         self._stopped = threading.Event()
         self._count_lock = threading.Lock()
@@ -132,7 +131,6 @@ class VLLMEngine:
 
     def _progressed(self, running: int) -> None:
         """The engine finished a step. A hung engine is one that stops stepping with requests in flight."""
-        self.running = running
         for request_id, peak in self._peaks.items():  # this runs on the loop thread, as _generate does
             self._peaks[request_id] = max(peak, running)
         with self._count_lock:
