@@ -52,6 +52,18 @@ from worker.devtools.local_services import Service, start_worker
 from common import ROOT, append_section, local_stack, machine
 
 FIXED_TEXT = "noop"
+LIB = "/usr/lib/x86_64-linux-gnu"
+# Worker configurations, run one after the other on the same machine and media: (flags, environment).
+GLIBC_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
+CONFIGS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "in-process": (["--preprocess-workers", "0"], {"VLMQ_ALLOCATOR": "system"}),
+    "pool": ([], {"VLMQ_ALLOCATOR": "system"}),
+    "pool, glibc thresholds": ([], {"VLMQ_ALLOCATOR": "system", **GLIBC_THRESHOLDS}),
+    "pool, jemalloc": ([], {"VLMQ_ALLOCATOR": "system", "LD_PRELOAD": f"{LIB}/libjemalloc.so.2"}),
+    "pool, tcmalloc": ([], {"VLMQ_ALLOCATOR": "system", "LD_PRELOAD": f"{LIB}/libtcmalloc_minimal.so.4"}),
+    "in-process, default allocator": (["--preprocess-workers", "0"], {}),
+    "pool, default allocator": ([], {}),
+}
 SAMPLE_HZ = 100
 VLMQ = f"{ROOT}/"  # py-spy --full-filenames: frames name their file by its path
 # (stage, a frame that puts a sample in it), first match wins: a sample inside the processor is the processor's even
@@ -117,10 +129,15 @@ def cpu_s(proc: psutil.Process, with_children: bool = True) -> float:
     return total
 
 
+ENGINE = "worker: engine process"
+POOL = "worker: preprocessing processes"
+PRODUCER = "producer (this bench)"
+
+
 def processes(worker: Service) -> dict[str, psutil.Process]:
     """The worker, redis-server and SeaweedFS (children of this process), and this process (the producer)."""
     me = psutil.Process()
-    found = {"worker": psutil.Process(worker.proc.pid), "producer (this bench)": me}
+    found = {ENGINE: psutil.Process(worker.proc.pid), POOL: psutil.Process(worker.proc.pid), PRODUCER: me}
     for child in me.children():
         name = " ".join(child.cmdline()[:1])
         if "redis-server" in name:
@@ -131,7 +148,10 @@ def processes(worker: Service) -> dict[str, psutil.Process]:
 
 
 def cpu_now(procs: dict[str, psutil.Process]) -> dict[str, float]:
-    return {name: cpu_s(p, with_children=name != "producer (this bench)") for name, p in procs.items()}
+    """CPU seconds so far of each; the engine process alone, its children (the pool) as the pool's."""
+    now = {name: cpu_s(p, with_children=name not in (PRODUCER, ENGINE)) for name, p in procs.items()}
+    now[POOL] -= now[ENGINE]
+    return now
 
 
 @dataclass
@@ -143,6 +163,10 @@ class Pass:
     cpu_ms: dict[str, float]  # per job, by process
     samples: Counter[str] = field(default_factory=Counter)
     sampled_s: float = 0.0  # wall time of the sampled pass's jobs
+
+    @property
+    def worker_ms(self) -> float:
+        return self.cpu_ms[ENGINE] + self.cpu_ms[POOL]
 
     def gil_ms(self, stage: str | None = None) -> float:
         """Ms per job the GIL was held, in `stage` or in all."""
@@ -209,11 +233,13 @@ def sample(client: Client, pid: int, uris: list[str], work: Path) -> tuple[Count
     return counts, seconds
 
 
-def start(model_dir: Path, work: Path, env: dict[str, str], concurrency: int) -> tuple[Service, Client]:
+def start(model_dir: Path, work: Path, env: dict[str, str], concurrency: int, config: str) -> tuple[Service, Client]:
     queue = "bench-overhead"
     faults = f'{{"noop_engine": "{FIXED_TEXT}"}}'
-    argv = ("--device", "cpu", "--queue", queue, "--concurrency", str(concurrency))
-    worker = start_worker(model_dir, work, *argv, env={**env, "VLMQ_FAULTS": faults}, name="worker-noop")
+    flags, config_env = CONFIGS[config]
+    argv = ("--device", "cpu", "--queue", queue, "--concurrency", str(concurrency), *flags)
+    env = {**env, **config_env, "VLMQ_FAULTS": faults}
+    worker = start_worker(model_dir, work, *argv, env=env, name=f"worker-{config.replace(', ', '-').replace(' ', '-')}")
     settings = ClientSettings(
         broker_url=env["VLMQ_BROKER_URL"],
         s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"],
@@ -224,6 +250,7 @@ def start(model_dir: Path, work: Path, env: dict[str, str], concurrency: int) ->
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Pass]:
+    """Every workload under every configuration, one worker per configuration, on one SeaweedFS and Redis."""
     model_dir = write_processor(work / "processor", args.processor)
     media = make_media(args.jobs + args.warm_up)
     out = {}
@@ -232,24 +259,25 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Pass]:
             kind: [stack.upload(f"{kind}/{i:05d}.{kind}", body) for i, body in enumerate(bodies)]
             for kind, bodies in media.items()
         }
-        worker, client = start(model_dir, work, stack.env, args.concurrency)
-        try:
-            procs = processes(worker)
-            for kind in uris:  # every task thread copies the processor on its first job
-                run_jobs(client, uris[kind][: args.warm_up])
-            for kind, kind_uris in uris.items():
-                out[kind] = m = measure(client, procs, kind_uris[args.warm_up :])
-                print(f"{kind}: {m.jobs_per_s:.1f} jobs/s, CPU ms/job {m.cpu_ms}", flush=True)
-                if shutil.which("py-spy") and not args.no_sample:
-                    m.samples, m.sampled_s = sample(client, worker.proc.pid, kind_uris[args.warm_up :], work)
-                    print(f"{kind} samples: {dict(m.samples)}", flush=True)
-        finally:
-            worker.stop()
+        for config in args.configs:
+            worker, client = start(model_dir, work, stack.env, args.concurrency, config)
+            try:
+                procs = processes(worker)
+                for kind in uris:  # every task thread copies the processor on its first job
+                    run_jobs(client, uris[kind][: args.warm_up])
+                for kind, kind_uris in uris.items():
+                    out[f"{config}: {kind}"] = m = measure(client, procs, kind_uris[args.warm_up :])
+                    print(f"{config}: {kind}: {m.jobs_per_s:.1f} jobs/s, CPU ms/job {m.cpu_ms}", flush=True)
+                    if shutil.which("py-spy") and not args.no_sample:
+                        m.samples, m.sampled_s = sample(client, worker.proc.pid, kind_uris[args.warm_up :], work)
+                        print(f"{kind} samples: {dict(m.samples)}", flush=True)
+            finally:
+                worker.stop()
     return out
 
 
 def tables(passes: dict[str, Pass]) -> str:
-    """Jobs/s and CPU per process, then the worker's CPU split by stage (when sampled)."""
+    """Jobs/s and CPU per process, then the engine process's GIL time split by stage (when sampled)."""
     kinds = list(passes)
     names = list(next(iter(passes.values())).cpu_ms)
     head = f"| | {' | '.join(kinds)} |\n|---|{'---:|' * len(kinds)}\n"
@@ -257,23 +285,28 @@ def tables(passes: dict[str, Pass]) -> str:
     for name in names:
         cells = " | ".join(f"{p.cpu_ms[name]:.1f}" for p in passes.values())
         rows.append(f"| CPU ms/job: {name} | {cells} |")
+    totals = " | ".join(f"**{p.worker_ms:.1f}**" for p in passes.values())
+    rows.append(f"| **CPU ms/job: worker, all its processes** | {totals} |")
     rows.append(
         "| worker cores busy (CPU s / wall s) | "
-        + " | ".join(f"{p.cpu_ms['worker'] * p.jobs_per_s / 1000:.2f}" for p in passes.values())
+        + " | ".join(f"{p.worker_ms * p.jobs_per_s / 1000:.2f}" for p in passes.values())
         + " |"
     )
     text = head + "\n".join(rows)
     if not all(p.samples for p in passes.values()):
         return text + "\n\n(no stage split: --no-sample, or py-spy is not installed)"
     stages = list(dict.fromkeys([s for s, _ in STAGES] + [OTHER]))
-    split = [f"| worker, GIL held by stage, ms/job (share) | {' | '.join(kinds)} |", f"|---|{'---:|' * len(kinds)}"]
+    split = [
+        f"| engine process, GIL held by stage, ms/job (share) | {' | '.join(kinds)} |",
+        f"|---|{'---:|' * len(kinds)}",
+    ]
     for stage in stages:
         shares = " | ".join(f"{p.gil_ms(stage):.1f} ({p.gil_ms(stage) / p.gil_ms():.0%})" for p in passes.values())
         split.append(f"| {stage} | {shares} |")
     totals = {
         "**GIL held, all stages**": [f"**{p.gil_ms():.1f}**" for p in passes.values()],
-        "worker CPU outside the GIL (measured CPU - GIL held)": [
-            f"{p.cpu_ms['worker'] - p.gil_ms():.1f}" for p in passes.values()
+        "engine process CPU outside the GIL (measured CPU - GIL held)": [
+            f"{p.cpu_ms[ENGINE] - p.gil_ms():.1f}" for p in passes.values()
         ],
         "GIL held, share of the sampled pass's wall time": [
             f"{p.gil_ms() * p.jobs / 1000 / p.sampled_s:.0%}" for p in passes.values()
@@ -289,6 +322,12 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=64, help="jobs per workload before measuring")
     parser.add_argument("--concurrency", type=int, default=32, help="the worker's --concurrency (task threads)")
     parser.add_argument("--processor", choices=["0.5b", "tiny"], default="0.5b")
+    parser.add_argument(
+        "--configs",
+        type=lambda text: [c.strip() for c in text.split(";")],
+        default=["in-process", "pool"],
+        help=f"worker configurations to compare, separated by ';' (from: {'; '.join(CONFIGS)})",
+    )
     parser.add_argument("--no-sample", action="store_true", help="skip the py-spy pass")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--label", default="", help="a word for the section's title, e.g. before or after")
@@ -309,12 +348,16 @@ def section(args: argparse.Namespace, result: str, load: str) -> str:
     label = f": {args.label}" if args.label else ""
     command = f"python bench/overhead.py{f' --label {args.label}' if args.label else ''} --jobs {args.jobs} "
     command += f"--warm-up {args.warm_up} --concurrency {args.concurrency} --processor {args.processor}"
+    command += f" --configs '{'; '.join(args.configs)}'"
     faults = f'{{"noop_engine": "{FIXED_TEXT}"}}'
     return (
         f"\n## Per-job overhead of one worker, no-op engine{label} ({date.today():%Y-%m-%d})\n\n"
         f"- machine: {machine()}; load average {load} at the end\n"
         f"- command: `{command}`\n"
         f"- worker: `vlmq worker --device cpu --concurrency {args.concurrency}` with `VLMQ_FAULTS='{faults}'`, "
+        f"configurations (flags, environment): "
+        + "; ".join(f"{c}: `{' '.join(CONFIGS[c][0])}` {CONFIGS[c][1]}" for c in args.configs)
+        + ", "
         f"the {args.processor} processor, torch threads 1; {args.jobs} jobs per workload after {args.warm_up} "
         f"warm-up jobs each; py-spy {'on' if not args.no_sample else 'off'}\n\n{result}\n"
     )

@@ -20,6 +20,7 @@ SETTINGS = (
     "max_batch_size",
     "max_wait_ms",
     "concurrency",
+    "preprocess_workers",
     "queue",
     "metrics_port",
     "gpu_memory_utilization",
@@ -56,6 +57,12 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, help="most jobs per generate() call (VLMQ_MAX_BATCH_SIZE; default 8)")
     p.add_argument("--max-wait-ms", type=float, help="longest wait for batch-mates (VLMQ_MAX_WAIT_MS; default 50)")
     p.add_argument("--concurrency", type=int, help="jobs in flight: fetching, decoding, batched (default 2 x batch)")
+    p.add_argument(
+        "--preprocess-workers",
+        type=int,
+        help="processes that fetch, decode and prepare media beside the engine's (VLMQ_PREPROCESS_WORKERS; 0: none, "
+        "in-process; default the cores per worker minus one, at most 8)",
+    )
     p.add_argument("--queue", help="bulk queue to consume (VLMQ_QUEUE; default vlmq), after VLMQ_INTERACTIVE_QUEUE")
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz on this port (VLMQ_METRICS_PORT)")
     p.add_argument(

@@ -18,7 +18,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MEDIA_BUCKET, Stack
-from tests.reference import encode, random_image
+from tests.reference import encode, make_clip, random_image
 
 # A dead worker's jobs come back after 5 s (the timeout must stay above the longest retry delay).
 # A message lost by kombu (a worker killed between popping it and recording it) is sent again after 2-4 s.
@@ -32,6 +32,15 @@ def upload_images(stack: Stack, prefix: str, count: int) -> list[str]:
         s3.put_object(Bucket=MEDIA_BUCKET, Key=f"{prefix}/{i}.png", Body=encode(random_image(40, 30, seed=i), "PNG"))
         uris.append(f"s3://{MEDIA_BUCKET}/{prefix}/{i}.png")
     return uris
+
+
+def hanging_video(stack: Stack) -> tuple[str, list[str], dict[str, str]]:
+    """A clip whose decoding hangs (VLMQ_FAULTS decode_hang_on), 2 images, and the worker environment for them."""
+    stack.s3.client().put_object(
+        Bucket=MEDIA_BUCKET, Key="hang/hang.mp4", Body=make_clip(frames=8, width=32, height=32, fps=8, seed=1)
+    )
+    env = {"VLMQ_MAX_DECODE_S": "2", "VLMQ_FAULTS": json.dumps({"decode_hang_on": "hang.mp4"})}
+    return f"s3://{MEDIA_BUCKET}/hang/hang.mp4", upload_images(stack, "hang", 2), env
 
 
 def results_ready(stack: Stack, job_ids: list[str]) -> int:

@@ -42,6 +42,9 @@ class Metrics:
             "vlmq_model_busy_seconds", "Time the model loop spent running batches; rate() < 1 is idle", registry=r
         )
         self.items = Counter("vlmq_model_items", "Items that went through the model", registry=r)
+        self.preprocess_restarts = Counter(
+            "vlmq_preprocess_restarts", "Preprocessing processes that died and were replaced", registry=r
+        )
         self.model_load_seconds = Gauge("vlmq_model_load_seconds", "Time taken to load the model", registry=r)
         self.ready = Gauge("vlmq_ready", "1 once the model is loaded and the worker consumes jobs", registry=r)
         self.gpu_memory = Gauge("vlmq_gpu_memory_bytes", "Device memory allocated by torch (0 on CPU)", registry=r)

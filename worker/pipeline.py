@@ -1,7 +1,8 @@
 """One worker process's pipeline: validate a job, load its media, hand it to the engine, build its result.
 
 `Pipeline.execute` runs in a Celery task thread. Everything up to `Engine.add` (S3 reads, decoding, the
-engine's `prepare`) happens in that thread, concurrently with the engine's model calls for earlier jobs.
+engine's `prepare`) happens in the preprocessing processes (worker/preprocess.py) while that thread waits, or in
+the thread itself with `--preprocess-workers 0`, concurrently with the engine's model calls for earlier jobs.
 """
 
 from __future__ import annotations
@@ -19,14 +20,22 @@ from pydantic import ValidationError
 
 from producer.jobs import Job, JobResult, Timings, describe_invalid
 from producer.results import ResultStore
-from worker import media
 from worker.devtools.faults import Faults
 from worker.engines import Engine, start_engine
 from worker.errors import DecodeHung, Expired, InvalidJob, VlmqError
 from worker.metrics import Metrics
+from worker.preprocess import Loaded, Preprocessor, PreprocessPool
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+
+def prepares_in_pool(settings: WorkerSettings, faults: Faults | None) -> bool:
+    """Whether the engine's `prepare` can run in a preprocessing process: the hf and no-op engines' can (the
+    checkpoint's processor); vllm's processor runs inside vLLM, so its pool only fetches and decodes."""
+    from worker.engines import choose_engine
+
+    return (faults is not None and faults.noop_engine is not None) or choose_engine(settings) == "hf"
 
 
 def parse_job(payload: Any, task_id: str | None = None) -> Job:
@@ -66,25 +75,42 @@ class Pipeline:
         results: ResultStore,
         metrics: Metrics | None = None,
         faults: Faults | None = None,
+        pool: PreprocessPool | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.faults = faults
-        self.fetcher = media.MediaFetcher(settings, s3_client)
+        self.preprocess = Preprocessor(settings, s3_client, engine.prepare, faults)
+        self.pool = pool
         self.results = results
         self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.restart_requested = False
 
     @classmethod
     def start(cls, settings: WorkerSettings, s3_client: Any, results: ResultStore, metrics: Metrics) -> Pipeline:
-        """Load the model with the configured engine (once per process) and start its threads."""
+        """Load the model with the configured engine (once per process) and start its threads and preprocessing
+        processes."""
         faults = Faults.parse(settings.faults)
-        if faults is not None and faults.load_delay_s:
-            time.sleep(faults.load_delay_s)
-        return cls(settings, start_engine(settings, metrics, faults), s3_client, results, metrics, faults)
+        pool = None
+        if settings.preprocess_processes:
+            pool = PreprocessPool(settings, settings.preprocess_processes, prepares=prepares_in_pool(settings, faults))
+            pool.start()  # they load their processors while the engine loads the model
+        try:
+            if faults is not None and faults.load_delay_s:
+                time.sleep(faults.load_delay_s)
+            engine = start_engine(settings, metrics, faults)
+            if pool is not None:
+                pool.wait_ready(metrics)
+        except BaseException:
+            if pool is not None:
+                pool.close()
+            raise
+        return cls(settings, engine, s3_client, results, metrics, faults, pool)
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         self.engine.close()
 
     def restart_when_idle(self, reason: str) -> None:
@@ -108,23 +134,16 @@ class Pipeline:
                     f"{ttl:g} s (ttl_s or VLMQ_JOB_TTL_S); it was not run. Submit it again if it is still wanted"
                 )
         started = time.perf_counter()
-        items = job.all_media()
         if self.faults is not None:
-            self.faults.on_job([item.uri for item in items])
-        media.check_media_count(len(items), self.settings)
-        images, videos = [], []
-        before_decode = self.faults.on_decode if self.faults is not None else None
-        for item in items:
-            try:
-                decoded = media.load(self.fetcher, item, job.video, before_decode)
-            except DecodeHung:
+            self.faults.on_job([item.uri for item in job.all_media()])
+        try:
+            request = self.pool.submit(job).result() if self.pool is not None else self.preprocess(job)
+        except DecodeHung:
+            if self.pool is None:  # the hung decoder holds a thread of this process; in the pool, its own process
                 self.restart_when_idle("a video decoder hung")
-                raise
-            if isinstance(decoded, media.Video):
-                videos.append(decoded.frames)
-            else:
-                images.append(decoded)
-        request = self.engine.prepare(job.conversation(), images, videos, job.generation)
+            raise
+        if isinstance(request, Loaded):  # the engine prepares here (vllm: its processor runs in its front end)
+            request = self.engine.prepare(request.conversation, request.images, request.frames(), request.generation)
         fetched = time.perf_counter()
         self.metrics.media_seconds.observe(fetched - started)
         generated = self.engine.add(job.id, request).result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -16,6 +17,11 @@ Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 Quantization = Literal["none", "4bit"]
 AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
 VIDEO_CONTAINERS: tuple[VideoContainer, ...] = ("mp4", "matroska", "avi")
+
+
+def default_preprocess_workers(workers_on_host: int = 1) -> int:
+    """Preprocessing processes per worker: its share of the host's cores, less one for its engine's process."""
+    return min(8, max(1, len(os.sched_getaffinity(0)) // workers_on_host - 1))
 
 
 class WorkerSettings(SharedSettings):
@@ -52,6 +58,13 @@ class WorkerSettings(SharedSettings):
     max_wait_ms: float = Field(50.0, ge=0, le=60_000, description="longest the oldest ready job waits for batch-mates")
     concurrency: int | None = Field(
         None, ge=1, le=1024, description="jobs in flight per worker (fetching, decoding, waiting); default 2 x batch"
+    )
+    preprocess_workers: int | None = Field(
+        None,
+        ge=0,
+        le=256,
+        description="processes that fetch, decode and prepare media beside the engine's process (0: in the engine's "
+        "process, as task threads); default: the cores per worker minus one, at most 8",
     )
     torch_threads: int | None = Field(
         None,
@@ -142,6 +155,13 @@ class WorkerSettings(SharedSettings):
                 f"({self.retry_backoff_max_s}): a retry waiting for its delay would be delivered twice"
             )
         return self
+
+    @property
+    def preprocess_processes(self) -> int:
+        """`preprocess_workers`, with its default resolved (the supervisor sets it per GPU worker)."""
+        if self.preprocess_workers is not None:
+            return self.preprocess_workers
+        return default_preprocess_workers()
 
     @property
     def in_flight(self) -> int:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from worker.settings import default_preprocess_workers
+
 log = logging.getLogger(__name__)
 
 # `vlmq worker` exits 2 when its settings cannot work on this machine (invalid, or a ConfigError at start-up).
@@ -74,6 +76,8 @@ class Supervisor:
         if env.get("VLMQ_DEVICE", "auto").startswith("cuda"):
             env["VLMQ_DEVICE"] = "cuda:0"  # each child sees one GPU
         env.setdefault("VLMQ_WORKER_NAME", f"{socket.gethostname()}:gpu{gpu}")
+        # The host's cores shared out: each GPU's worker gets its share minus its engine's core for preprocessing.
+        env.setdefault("VLMQ_PREPROCESS_WORKERS", str(default_preprocess_workers(len(self.gpus))))
         if self.metrics_port:
             env["VLMQ_METRICS_PORT"] = str(self.metrics_port + index)
         return env

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from producer import Job
-from tests.conftest import MEDIA_BUCKET, Stack
-from tests.helpers import FAST_REDELIVERY, LONG_QUESTION, OVER_TOKENS, count_in_logs, upload_images
-from tests.reference import make_clip, random_image, reference_text
+from tests.conftest import Stack
+from tests.helpers import FAST_REDELIVERY, LONG_QUESTION, OVER_TOKENS, count_in_logs, hanging_video, upload_images
+from tests.reference import random_image, reference_text
 from worker.watchdog import EXIT_RESTART
 
 
@@ -65,16 +65,13 @@ def test_a_broken_or_hung_device_exits_the_worker_and_its_jobs_run_on_the_next(
     assert results[0].attempts == 2  # the trigger's first start was on the dead worker
 
 
-def test_a_hung_decoder_fails_its_job_and_the_worker_drains_and_exits(stack: Stack) -> None:
-    s3 = stack.s3.client()
-    s3.put_object(
-        Bucket=MEDIA_BUCKET, Key="hang/hang.mp4", Body=make_clip(frames=8, width=32, height=32, fps=8, seed=1)
-    )
-    uris = upload_images(stack, "hang", 2)
-    env = {"VLMQ_MAX_DECODE_S": "2", "VLMQ_FAULTS": json.dumps({"decode_hang_on": "hang.mp4"})}
-    worker = stack.start_worker("--max-batch-size", "2", env=env)
+def test_a_hung_decoder_in_process_fails_its_job_and_the_worker_drains_and_exits(stack: Stack) -> None:
+    # Decoding in the worker's own process (--preprocess-workers 0): the hung thread cannot be freed, so the worker
+    # restarts. In the pool only the decoder's process is replaced (tests/integration/test_preprocess.py).
+    hang_uri, uris, env = hanging_video(stack)
+    worker = stack.start_worker("--preprocess-workers", "0", "--max-batch-size", "2", env=env)
     client = stack.client()
-    hung = client.submit(Job(media=[f"s3://{MEDIA_BUCKET}/hang/hang.mp4"], max_new_tokens=4))
+    hung = client.submit(Job(media=[hang_uri], max_new_tokens=4))
 
     result = hung.result(timeout=60)
     assert (result.status, result.error and result.error.code) == ("failed", "media_undecodable")

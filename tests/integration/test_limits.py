@@ -42,7 +42,8 @@ def test_limits_and_corrupt_videos_fail_alone_with_their_codes(stack: Stack) -> 
         "VLMQ_MAX_IMAGE_PIXELS": str(80 * 60),
         "VLMQ_MAX_MEDIA_PER_JOB": "2",
     }
-    stack.start_worker("--max-batch-size", "4", "--max-wait-ms", "300", env=limits)
+    # Checked in the preprocessing pool's processes (a limit's error crosses back as that job's coded error).
+    stack.start_worker("--preprocess-workers", "2", "--max-batch-size", "4", "--max-wait-ms", "300", env=limits)
 
     def video(name: str) -> Job:
         return Job(task="qa", media=[uri[name]], question="What?", num_frames=8, max_new_tokens=TOKENS)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from celery import Celery
 from celery.result import AsyncResult
 from PIL import Image
@@ -63,10 +64,13 @@ def expected_text(stack: Stack, job: Job, objects: dict[str, bytes]) -> str:
     return reference_text(stack.model, images, text, MAX_NEW_TOKENS)
 
 
-def test_batched_jobs_return_exactly_the_model_card_text_for_each_job_alone(stack: Stack) -> None:
-    objects = upload_images(stack, "fidelity")
+@pytest.mark.parametrize("preprocess_workers", ["2", "0"], ids=["pool", "in-process"])
+def test_batched_jobs_return_exactly_the_model_card_text_for_each_job_alone(
+    stack: Stack, preprocess_workers: str
+) -> None:
+    objects = upload_images(stack, f"fidelity-{preprocess_workers}")
     jobs = mixed_jobs(list(objects), 16)
-    stack.start_worker("--max-batch-size", "4", "--max-wait-ms", "300")
+    stack.start_worker("--preprocess-workers", preprocess_workers, "--max-batch-size", "4", "--max-wait-ms", "300")
 
     results = stack.client().run(jobs, progress=False, timeout=300)
 

@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"worker.settings", "worker.errors", "worker.metrics", "worker.watchdog", "worker.isolation", "worker.batcher"},
     {"worker.devtools.faults"},
     {"worker.media", "worker.engines", "worker.gate", "worker.health"},
+    {"worker.preprocess"},
     {"worker.pipeline", "worker.lifecycle", "worker.recovery", "worker.consumer"},
     {"worker.tasks"},
     {"worker.app", "worker.supervisor"},

@@ -4,6 +4,9 @@
 
 - `crash_on`: a job with a media URI containing this string kills its worker process with SIGKILL when it
   starts, as a decoder or driver fault would;
+- `preprocess_crash_on`: ... kills the process preparing it (a preprocessing process; the worker itself with
+  `--preprocess-workers 0`) with SIGKILL, as a crashing decoder would;
+- `slow_prepare_s`: preparing each job takes this much longer (to catch a preprocessing process holding jobs);
 - `oom_above_batch`: `generate` raises torch's out-of-memory error for batches larger than this;
 - `oom_over_tokens`: ... and for any batch holding an item of more than this many input tokens, even alone;
 - `device_error_over_tokens`: `generate` raises a sticky CUDA error (torch.AcceleratorError) for such a batch;
@@ -24,6 +27,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
@@ -33,6 +37,8 @@ class Faults(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     crash_on: str | None = None
+    preprocess_crash_on: str | None = None
+    slow_prepare_s: float | None = None
     oom_above_batch: int | None = None
     oom_over_tokens: int | None = None
     device_error_over_tokens: int | None = None
@@ -47,6 +53,12 @@ class Faults(BaseModel):
     def on_job(self, uris: Sequence[str]) -> None:
         if self.crash_on and any(self.crash_on in uri for uri in uris):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_prepare(self, uris: Sequence[str]) -> None:
+        if self.preprocess_crash_on and any(self.preprocess_crash_on in uri for uri in uris):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.slow_prepare_s:
+            time.sleep(self.slow_prepare_s)
 
     def on_batch(self, token_counts: Sequence[int]) -> None:
         import torch

@@ -250,6 +250,18 @@ class VisionLanguageModel:
         )
         return holder
 
+    @classmethod
+    def processor_only(cls, model_id: str) -> VisionLanguageModel:
+        """The checkpoint's processor without its weights: `prepare` only (preprocessing processes, the no-op engine).
+
+        `prepare` works on CPU tensors in float32 whatever the model's dtype and device: the batcher casts and moves
+        them when it stacks a batch.
+        """
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_id)
+        return cls(None, processor, name=model_id, device=torch.device("cpu"), dtype=torch.float32)
+
     # -- task threads --------------------------------------------------------------------------------------------
     def _thread_processor(self) -> Any:
         # Hugging Face's Rust tokenizers refuse concurrent use of one instance ("Already borrowed"); each task

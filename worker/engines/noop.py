@@ -36,16 +36,11 @@ class NoopEngine:
     @classmethod
     def start(cls, settings: WorkerSettings, metrics: Metrics, text: str) -> NoopEngine:
         """Load the checkpoint's processor (no weights)."""
-        from transformers import AutoProcessor
-
         started = time.perf_counter()
         # The worker this stands in for feeds a GPU, where the hf engine runs one torch thread per operation
         # (VLMQ_TORCH_THREADS' default with CUDA); the processor's torch ops run under the same setting here.
         torch.set_num_threads(settings.torch_threads or 1)
-        processor = AutoProcessor.from_pretrained(settings.model)
-        holder = VisionLanguageModel(
-            None, processor, name=settings.model, device=torch.device("cpu"), dtype=torch.float32
-        )
+        holder = VisionLanguageModel.processor_only(settings.model)
         metrics.model_load_seconds.set(time.perf_counter() - started)
         log.warning("engine: noop (VLMQ_FAULTS noop_engine): no model, every job answers %r", text)
         return cls(holder, text)
