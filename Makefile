@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 install:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@ldconfig -p | grep -q libtcmalloc_minimal || apt-get install -y -qq libtcmalloc-minimal4 \
+		|| { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH_SPEC)
 	@$(PYTHON) -m pip install -q -e ".[worker,test,dev]"
 	@! command -v npm >/dev/null || [ -d tests/node/node_modules ] || npm ci --prefix tests/node --no-audit --no-fund

@@ -8,21 +8,24 @@ crops, anyres_max_9 over the hub's 36 grids; `--processor tiny`: the tiny test m
 without weights.
 
 Two workloads, one after the other on the same warm worker: `jpeg` (640x480 JPEGs, smooth synthetic photos) and
-`png` (64x48 PNGs). Each runs twice:
+`png` (64x48 PNGs), under each configuration in `--configs` (CONFIGS: the preprocessing pool off or on, and the
+allocators), one worker per configuration, side by side in one run. Each workload runs twice:
 
 1. measured: jobs/s (wall time from the first submission to the last result) and CPU per job of each process,
-   from psutil (user + system, before/after): the worker process with its children, redis-server and SeaweedFS.
-   This bench process (the producer: submitting and polling) is shown but is not the worker's cost.
+   from psutil (user + system, before/after): the worker's engine process, its preprocessing processes (its
+   children), redis-server and SeaweedFS. This bench process (the producer: submitting and polling) is shown but
+   is not the worker's cost.
 2. sampled (when py-spy is installed, `pip install py-spy`): the same jobs again under `py-spy record --gil
-   --nonblocking` at 100 Hz, which reads the worker's Python stacks without pausing it and keeps, at each tick, the
-   stack of the thread holding the GIL (nothing when no thread holds it). Each sample goes to the first stage in
-   STAGES whose frame is on its stack; a stage's GIL ms per job is its samples x 10 ms / jobs. The GIL is what
-   caps one worker process at about one core, so that is the split that matters here; the worker's CPU outside
-   the GIL (measured CPU - GIL time: native code that releases it, such as Pillow's decoder and torch's ops in the
-   processor) is a row of its own, not split by stage. (Without --gil, py-spy also counts threads waiting for the
-   GIL as active: 3-4x the measured CPU here, so that mode cannot split CPU.)
+   --nonblocking` at 100 Hz on the engine process, which reads its Python stacks without pausing it and keeps, at
+   each tick, the stack of the thread holding the GIL (nothing when no thread holds it). Each sample goes to the
+   stage of the innermost frame on its stack that names one in STAGES (a sample in redis-py under the ledger is
+   the ledger's, one in kombu under vlmq's intake is Celery's); a stage's GIL ms per job is its samples x 10 ms /
+   jobs. The GIL is what caps one process at about one core, so that is the split that matters; its CPU outside
+   the GIL (measured CPU - GIL time: native code that releases it) is a row of its own. (Without --gil, py-spy
+   also counts threads waiting for the GIL as active: 3-4x the measured CPU here, so that mode cannot split CPU.)
 
-    python bench/overhead.py [--label before] [--jobs 400] [--concurrency 32] [--processor 0.5b] [--out BENCHMARKS.md]
+    python bench/overhead.py [--label after] [--configs 'in-process; default'] [--jobs 400] [--concurrency 32]
+                             [--processor 0.5b] [--keep-raw DIR] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -54,30 +57,30 @@ from common import ROOT, append_section, local_stack, machine
 FIXED_TEXT = "noop"
 LIB = "/usr/lib/x86_64-linux-gnu"
 # Worker configurations, run one after the other on the same machine and media: (flags, environment).
-GLIBC_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 CONFIGS: dict[str, tuple[list[str], dict[str, str]]] = {
-    "in-process": (["--preprocess-workers", "0"], {"VLMQ_ALLOCATOR": "system"}),
-    "pool": ([], {"VLMQ_ALLOCATOR": "system"}),
-    "pool, glibc thresholds": ([], {"VLMQ_ALLOCATOR": "system", **GLIBC_THRESHOLDS}),
-    "pool, jemalloc": ([], {"VLMQ_ALLOCATOR": "system", "LD_PRELOAD": f"{LIB}/libjemalloc.so.2"}),
-    "pool, tcmalloc": ([], {"VLMQ_ALLOCATOR": "system", "LD_PRELOAD": f"{LIB}/libtcmalloc_minimal.so.4"}),
-    "in-process, default allocator": (["--preprocess-workers", "0"], {}),
-    "pool, default allocator": ([], {}),
+    "in-process": (["--preprocess-workers", "0"], {"VLMQ_ALLOCATOR": "system"}),  # as before issue 14
+    "pool-system": ([], {"VLMQ_ALLOCATOR": "system"}),
+    "pool-glibc": ([], {"VLMQ_ALLOCATOR": "glibc"}),
+    "pool-jemalloc": ([], {"VLMQ_ALLOCATOR": "system", "LD_PRELOAD": f"{LIB}/libjemalloc.so.2"}),
+    "pool-tcmalloc": ([], {"VLMQ_ALLOCATOR": "tcmalloc"}),
+    "default": ([], {}),  # the pool, VLMQ_ALLOCATOR=auto
 }
 SAMPLE_HZ = 100
 VLMQ = f"{ROOT}/"  # py-spy --full-filenames: frames name their file by its path
-# (stage, a frame that puts a sample in it), first match wins: a sample inside the processor is the processor's even
-# though the task's frames are below it on the stack.
+# (stage, a frame that puts a sample in it): the innermost frame that matches decides; within one frame, the first
+# entry that matches (the processor's `prepare` frame is also a frame of worker/).
 STAGES = [
     ("processor (chat template, tokenizer, image processor)", "prepare (" + VLMQ + "worker/engines/hf_model.py"),
     ("decode (Pillow, to RGB)", "decode_image (" + VLMQ + "worker/media/decode.py"),
     ("S3 GetObject of the image", "_fetch_s3 (" + VLMQ + "worker/media/sources.py"),
+    ("the pool's hand-over (pipes, unpickling, shared memory, dispatch)", "(" + VLMQ + "worker/pool.py"),
     ("S3 PutObject of the result", "write (" + VLMQ + "producer/results.py"),
     ("job ledger in Redis (started, finished)", VLMQ + "producer/ledger.py"),
     ("rest of vlmq's per-job code (intake, validation, metrics, logging)", "(" + VLMQ + "worker/"),
     ("Celery and kombu (messages, acks, result backend, pool)", "/celery/"),
     ("Celery and kombu (messages, acks, result backend, pool)", "/kombu/"),
 ]
+KEEP_RAW: Path | None = None  # --keep-raw: where py-spy's raw stacks stay after the run
 OTHER = "other (metrics and health servers, logging, threads outside a job)"
 
 
@@ -198,12 +201,16 @@ def measure(client: Client, procs: dict[str, psutil.Process], uris: list[str]) -
 
 
 def stage_of(stack: str) -> str:
-    return next((stage for stage, frame in STAGES if frame in stack), OTHER)
+    for frame in reversed(stack.split(";")):
+        for stage, marker in STAGES:
+            if marker in frame:
+                return stage
+    return OTHER
 
 
 def sample(client: Client, pid: int, uris: list[str], work: Path) -> tuple[Counter[str], float]:
     """Samples per stage of the worker's running threads while it runs `uris` (py-spy, see the module docstring)."""
-    raw = work / f"py-spy-{time.monotonic_ns()}.txt"
+    raw = (KEEP_RAW or work) / f"py-spy-{time.monotonic_ns()}.txt"
     argv = [
         "py-spy",
         "record",
@@ -239,7 +246,7 @@ def start(model_dir: Path, work: Path, env: dict[str, str], concurrency: int, co
     flags, config_env = CONFIGS[config]
     argv = ("--device", "cpu", "--queue", queue, "--concurrency", str(concurrency), *flags)
     env = {**env, **config_env, "VLMQ_FAULTS": faults}
-    worker = start_worker(model_dir, work, *argv, env=env, name=f"worker-{config.replace(', ', '-').replace(' ', '-')}")
+    worker = start_worker(model_dir, work, *argv, env=env, name=f"worker-{config}")
     settings = ClientSettings(
         broker_url=env["VLMQ_BROKER_URL"],
         s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"],
@@ -325,15 +332,18 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         type=lambda text: [c.strip() for c in text.split(";")],
-        default=["in-process", "pool"],
+        default=["in-process", "default"],
         help=f"worker configurations to compare, separated by ';' (from: {'; '.join(CONFIGS)})",
     )
     parser.add_argument("--no-sample", action="store_true", help="skip the py-spy pass")
+    parser.add_argument("--keep-raw", type=Path, help="keep py-spy's raw stacks (collapsed format) in this folder")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--label", default="", help="a word for the section's title, e.g. before or after")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args()
 
+    global KEEP_RAW
+    KEEP_RAW = args.keep_raw
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vlmq-bench-overhead-") as tmp:
         passes = run(args, Path(tmp))

@@ -13,10 +13,12 @@ FROM nvidia/cuda:13.0.1-base-ubuntu24.04
 
 # decord's wheel bundles its own FFmpeg (libavcodec, libavformat in decord.libs) and needs only libstdc++, which the
 # base has: no system FFmpeg. That wheel is x86_64 only (manylinux2010), so the image is linux/amd64.
+# libtcmalloc-minimal4: the allocator `vlmq worker` gives its preprocessing processes (VLMQ_ALLOCATOR=auto picks it
+# when installed; worker/allocator.py, BENCHMARKS.md "Allocator").
 # DL3008: the pinned base tag fixes the Ubuntu release; apt version pins would break at every security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 vlmq \
     && useradd --system --uid 10001 --gid vlmq --create-home --home-dir /home/vlmq vlmq \
@@ -59,6 +61,7 @@ RUN if [ "$BAKE_MODEL" = "1" ]; then \
 
 # HF_HUB_OFFLINE=1: load only from HF_HOME (baked or pre-populated cache), never contact the hub.
 ENV VLMQ_MODEL=$MODEL_ID \
+    VLMQ_ALLOCATOR=tcmalloc \
     HF_HUB_OFFLINE=0 \
     VLMQ_METRICS_PORT=9808
 EXPOSE 9808

@@ -78,6 +78,7 @@ class Clients:
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
+    from worker import allocator
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
     from worker.watchdog import EXIT_RESTART
@@ -86,6 +87,7 @@ def run_worker(settings: WorkerSettings) -> None:
         log.warning(
             "VLMQ_RESULTS_BUCKET is not set: results go to Redis only, and expire after %d s", settings.result_expires_s
         )
+    log.info("memory allocator: %s", allocator.configure(settings.allocator))
     metrics = Metrics()
     health = _serve_health(settings, metrics)
     clients = Clients.connect(settings)
@@ -133,6 +135,7 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
     app, ledger = clients.celery, clients.ledger
     deadlines = Deadlines()
     finisher = Finisher(clients.results, ledger, pipeline.metrics, settings.webhook_secret, app.backend)
+    finisher.recorder = pipeline.pool  # a job's end recorded in a preprocessing process, off the engine's
     register_tasks(app, pipeline, ledger, finisher, deadlines, health.progressed)
     intake = Intake(
         ledger,

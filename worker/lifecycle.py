@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import redis
 from celery.utils.time import get_exponential_backoff_interval
@@ -89,6 +90,10 @@ def retry_delay(
     return countdown / 2 + draw(0, countdown / 2)
 
 
+class Recorder(Protocol):
+    def record(self, result: JobResult, job: Any, dead: bool) -> Future[ResultWriteFailed | None]: ...
+
+
 class Finisher:
     """Records a job's end, whichever way it ended (see the module's table)."""
 
@@ -106,6 +111,7 @@ class Finisher:
         self.metrics = metrics
         self.webhook_secret = webhook_secret
         self.backend = backend  # Celery's result backend, for refusals
+        self.recorder: Recorder | None = None  # the preprocessing pool, when the worker has one
 
     def finish(
         self,
@@ -119,8 +125,35 @@ class Finisher:
         """Record `result` as the end of `job` (its JSON, for the dead letters and its batch's count).
 
         `write_failed` sees an S3 write that failed before anything else is recorded (it may raise Celery's Retry);
-        if it returns, the result stays in Redis only.
+        if it returns, the result stays in Redis only. A job that ran is recorded by a preprocessing process when
+        the worker has them (`recorder`): its S3 write and Redis calls are then off the engine's process.
         """
+        if ending == "ran" and self.recorder is not None:
+            try:
+                failed = self.recorder.record(result, job, dead).result()
+            except Exception as exc:  # the pool could not record it (shut down, a process died): record it here
+                log.warning("job %s: recording its end here, not in the pool (%s)", result.id, exc)
+            else:
+                if failed is not None:
+                    write_failed(failed)
+                    log.error("job %s: %s; its result is in Redis only", result.id, failed.message)
+                    self.record(result, job, "stored", dead=dead)  # the rest of it, without the S3 write
+                self.metrics.finished(result)
+                return
+        self.record(result, job, ending, dead=dead, write_failed=write_failed)
+        if ending != "stored":
+            self.metrics.finished(result)
+
+    def record(
+        self,
+        result: JobResult,
+        job: Any,
+        ending: Ending,
+        *,
+        dead: bool = False,
+        write_failed: Callable[[ResultWriteFailed], None] = lambda exc: None,
+    ) -> None:
+        """`finish` without the metrics (in a preprocessing process, whose metrics nobody reads)."""
         if ending != "stored":
             try:
                 self.results.write(result)
@@ -134,8 +167,6 @@ class Finisher:
             self.ledger.dead_letter(job if isinstance(job, dict) else {}, result)
         self.ledger.record_finished(result)
         self.count_in_batch(job, result)
-        if ending != "stored":
-            self.metrics.finished(result)
 
     def count_in_batch(self, job: Any, result: JobResult) -> None:
         """Count the job's end in its batch (if it has one); the call that ends the batch announces it."""

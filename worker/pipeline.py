@@ -24,7 +24,8 @@ from worker.devtools.faults import Faults
 from worker.engines import Engine, start_engine
 from worker.errors import DecodeHung, Expired, InvalidJob, VlmqError
 from worker.metrics import Metrics
-from worker.preprocess import Loaded, Preprocessor, PreprocessPool
+from worker.pool import PreprocessPool
+from worker.preprocess import Loaded, Preprocessor
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

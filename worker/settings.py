@@ -66,6 +66,11 @@ class WorkerSettings(SharedSettings):
         description="processes that fetch, decode and prepare media beside the engine's process (0: in the engine's "
         "process, as task threads); default: the cores per worker minus one, at most 8",
     )
+    allocator: Literal["auto", "tcmalloc", "glibc", "system"] = Field(
+        "auto",
+        description="memory allocator of the preprocessing processes: tcmalloc (libtcmalloc-minimal4), glibc with "
+        "raised mmap/trim thresholds, auto (tcmalloc when installed, else glibc) or system (unchanged)",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -19,10 +19,11 @@ HEAVY = ("torch", "torchvision", "transformers", "decord", "vllm")
 # are a test failure: place each new module in a layer.
 LAYERS: list[set[str]] = [
     {"worker.settings", "worker.errors", "worker.metrics", "worker.watchdog", "worker.isolation", "worker.batcher"},
-    {"worker.devtools.faults"},
-    {"worker.media", "worker.engines", "worker.gate", "worker.health"},
+    {"worker.devtools.faults", "worker.allocator"},
+    {"worker.media", "worker.engines", "worker.gate", "worker.health", "worker.lifecycle"},
     {"worker.preprocess"},
-    {"worker.pipeline", "worker.lifecycle", "worker.recovery", "worker.consumer"},
+    {"worker.pool"},
+    {"worker.pipeline", "worker.recovery", "worker.consumer"},
     {"worker.tasks"},
     {"worker.app", "worker.supervisor"},
     {"worker.devtools.tiny", "worker.devtools.local_services"},
