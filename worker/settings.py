@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -20,8 +22,20 @@ VIDEO_CONTAINERS: tuple[VideoContainer, ...] = ("mp4", "matroska", "avi")
 
 
 def default_preprocess_workers(workers_on_host: int = 1) -> int:
-    """Preprocessing processes per worker: its share of the host's cores, less one for its engine's process."""
-    return min(8, max(1, len(os.sched_getaffinity(0)) // workers_on_host - 1))
+    """Preprocessing processes per worker: its share of the cores it may use, less one for its engine's process."""
+    return min(8, max(1, usable_cores() // workers_on_host - 1))
+
+
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may run on, capped by its cgroup's CPU quota (a container's CPU limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 class WorkerSettings(SharedSettings):
