@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
@@ -12,6 +13,7 @@ from celery.result import AsyncResult
 from tqdm import tqdm
 
 from producer.batch import BatchHandle, BatchStore
+from producer.cancel import cancel_queued
 from producer.errors import InvalidBatchName
 from producer.jobs import JOB_ID_PATTERN, Job, JobResult
 from producer.ledger import DeadLetter, Ledger
@@ -122,6 +124,34 @@ class Client:
         job_id, payload = fresh(job)
         self.publisher.publish([(job_id, payload)], self.publisher.queue(priority), force)
         return JobHandle(self, job_id)
+
+    def submit_once(self, job: Job | dict[str, Any], *, priority: Priority = "interactive") -> tuple[JobHandle, bool]:
+        """Like `submit`, but a job whose id is already queued, running or succeeded is not sent again: the same
+        id twice is one job, even from two callers at once. Returns the handle and whether this call sent it.
+
+        A job id that ended failed is sent again (its old result is dropped from Redis at once, so waiting for the
+        id waits for the new run).
+
+        Raises:
+            pydantic.ValidationError: the job breaks the contract; the message names the field.
+        """
+        job_id, payload = fresh(job)
+        if self.ledger.claim(job_id) is not None:
+            return JobHandle(self, job_id), False
+        try:
+            AsyncResult(job_id, app=self.celery).forget()
+            self.publisher.publish([(job_id, payload)], self.publisher.queue(priority))
+        finally:
+            self.ledger.redis.delete(self.ledger.keys.claim(job_id))  # the ledger's pending entry guards it now
+        return JobHandle(self, job_id), True
+
+    def cancel(self, job_id: str) -> JobResult | None:
+        """Cancel a job no worker has taken yet: it ends `cancelled` without running. Returns its result, or None
+        when it cannot be cancelled (a worker has it, it has ended, or it is unknown)."""
+        raw = self.ledger.redis.hget(self.ledger.payloads_key, job_id)
+        if raw is None:
+            return None
+        return cancel_queued(self, job_id, json.loads(raw))
 
     def send_json(self, job_id: str, payload: dict[str, Any], queue: str | None = None, force: bool = False) -> None:
         """Enqueue a job's JSON as it is, under `job_id` (for jobs validated before: dead letters, lost messages);

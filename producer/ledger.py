@@ -76,6 +76,20 @@ class Ledger:
             for done, pending in zip(replies[::2], replies[1::2], strict=True)
         ]
 
+    def claim(self, job_id: str, ttl_s: int = 60) -> str | None:
+        """Claim sending a job: None when this caller may send it, else "succeeded" (its result is stored),
+        "pending" (sent and not finished) or "claimed" (another caller is sending it now). One round trip."""
+        pipe = self.redis.pipeline()
+        pipe.exists(self.keys.done(job_id))
+        pipe.zscore(self.pending_key, job_id)
+        pipe.set(self.keys.claim(job_id), 1, nx=True, ex=ttl_s)
+        done, pending, claimed = pipe.execute()
+        if done:
+            return "succeeded"
+        if pending is not None:
+            return "pending"
+        return None if claimed else "claimed"
+
     def record_requeued(self, job_id: str) -> None:
         """The job's message is pushed again (a retry): it takes its new place in the queue's order."""
         try:
