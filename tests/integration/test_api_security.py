@@ -1,0 +1,183 @@
+"""`vlmq api`'s gate and refusals, against real `vlmq api` processes (no worker: nothing here reaches one): keys,
+body and media caps, malformed requests, the workers' media allow-list, rate limits, start-up without keys, and the
+operations routes."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.apiserver import KEY, OTHER_KEY, ROOT, Api, module_stack, start_api
+from tests.conftest import Stack
+from tests.helpers import scrape
+from tests.reference import encode, random_image
+
+__all__ = ["module_stack"]
+
+MEDIA_CAP = 4000
+
+
+@pytest.fixture(scope="module")
+def api(module_stack: Stack) -> Iterator[Api]:
+    env = {"VLMQ_MAX_MEDIA_BYTES": str(MEDIA_CAP), "VLMQ_ALLOW_HTTP_MEDIA": "true"}
+    server = start_api(module_stack, env=env)
+    yield server
+    server.stop()
+
+
+def chat(url: str) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+
+
+def test_no_key_and_a_wrong_key_are_401(api: Api) -> None:
+    with api.client(key=None) as anonymous, api.client(key="not-a-key") as wrong:
+        missing, bad = anonymous.get("/v1/models"), wrong.get("/jobs/x")
+    assert (missing.status_code, missing.json()["error"]) == (
+        401,
+        {
+            "message": "no API key was sent; send `Authorization: Bearer <key>` with a key from VLMQ_API_KEYS",
+            "type": "authentication_error",
+            "param": None,
+            "code": "unauthorized",
+        },
+    )
+    assert (bad.status_code, bad.json()["error"]["code"]) == (401, "unauthorized")
+    assert bad.json()["error"]["message"].startswith("the API key is not valid")
+    with api.client(key=OTHER_KEY) as other:
+        assert other.get("/v1/models").status_code == 200
+
+
+def test_an_oversized_body_is_413(api: Api) -> None:
+    with api.client() as http:
+        answer = http.post(
+            "/jobs", content=b"[" + b"0," * (1 << 20) + b"0]", headers={"Content-Type": "application/json"}
+        )
+    assert answer.status_code == 413
+    assert answer.json()["error"] == {
+        "message": "the request body is larger than 1,048,576 bytes, the limit for this route",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "body_too_large",
+    }
+
+
+def test_a_body_that_lies_about_its_length_is_cut_off_at_the_cap(api: Api) -> None:
+    def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to refuse early
+        for _ in range(40):
+            yield b" " * (64 << 10)
+
+    with api.client() as http:
+        answer = http.post("/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (413, "body_too_large")
+
+
+def test_a_data_url_over_the_media_cap_is_413(api: Api) -> None:
+    image = encode(random_image(60, 60, seed=1), "PNG")
+    assert len(image) > MEDIA_CAP
+    with api.client() as http:
+        answer = http.post(
+            "/v1/chat/completions", json=chat("data:image/png;base64," + base64.b64encode(image).decode())
+        )
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "media_too_large"
+    assert answer.json()["error"]["param"] == "messages.0.content.0.image_url.url"
+
+
+def test_malformed_json_is_422_naming_the_field(api: Api) -> None:
+    with api.client() as http:
+        wrong_type = http.post("/jobs", json={"media": ["s3://b/a.png"], "max_new_tokens": "many"})
+        unknown = http.post("/v1/chat/completions", json={**chat("s3://b/a.png"), "tools": []})
+        not_json = http.post("/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert wrong_type.status_code == 422
+    assert wrong_type.json()["error"] == {
+        "message": "generation.max_new_tokens: Input should be a valid integer, unable to parse string as an integer",
+        "type": "invalid_request_error",
+        "param": "generation.max_new_tokens",
+        "code": "invalid_job",
+    }
+    assert (unknown.status_code, unknown.json()["error"]["param"]) == (422, "tools")
+    assert not_json.status_code == 422
+    assert not_json.json()["error"]["message"].startswith("the body is not valid JSON at character 1")
+
+
+@pytest.mark.parametrize(
+    "url", ["https://127.0.0.1/cat.png", "https://10.1.2.3/cat.png", "https://169.254.169.254/x.jpg"]
+)
+def test_a_private_network_https_url_is_refused_with_the_workers_code(api: Api, url: str) -> None:
+    with api.client() as http:
+        native = http.post("/jobs", json={"media": [url]})
+        openai_route = http.post("/v1/chat/completions", json=chat(url))
+    address = url.split("/")[2]
+    for answer, param in ((native, "media.0"), (openai_route, "messages.0.content.0.image_url.url")):
+        assert answer.status_code == 400
+        assert answer.json()["error"] == {
+            "message": f"{url} resolves to {address}, which is not a public address; add its network to "
+            "VLMQ_HTTP_ALLOWED_NETWORKS if the workers may read from it",
+            "type": "invalid_request_error",
+            "param": param,
+            "code": "media_forbidden",
+        }
+
+
+def test_a_key_over_its_rate_is_429_with_retry_after_and_other_keys_are_not(module_stack: Stack) -> None:
+    limited = start_api(module_stack, env={"VLMQ_RATE_LIMIT_PER_S": "0.2", "VLMQ_RATE_BURST": "3"}, name="api-rate")
+    try:
+        with limited.client() as http, limited.client(key=OTHER_KEY) as other:
+            codes = [http.get("/v1/models").status_code for _ in range(4)]
+            refused = http.get("/v1/models")
+            assert other.get("/v1/models").status_code == 200
+    finally:
+        limited.stop()
+    assert codes == [200, 200, 200, 429]
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "5"
+    assert refused.json()["error"]["code"] == "rate_limited"
+
+
+def test_without_keys_it_refuses_to_start_unless_told_to_serve_locally(module_stack: Stack) -> None:
+    env = {**os.environ, **module_stack.env, "VLMQ_API_KEYS": "", "PYTHONPATH": str(ROOT)}
+    refused = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "api", "--port", "1"], env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 2
+    assert "vlmq api: cannot start: VLMQ_API_KEYS is empty" in refused.stderr
+    local = start_api(module_stack, "--allow-no-auth-local", env={"VLMQ_API_KEYS": ""}, name="api-local")
+    try:
+        with httpx.Client(base_url=local.url) as http:
+            assert http.get("/v1/models").status_code == 200
+        assert "vlmq api on http://127.0.0.1:" in local.service.log_path.read_text()
+    finally:
+        local.stop()
+
+
+def test_openapi_health_readiness_and_metrics(api: Api) -> None:
+    healthz = (("method", "GET"), ("route", "/healthz"), ("status", "200"))
+    refused = (("method", "GET"), ("route", "unmatched"), ("status", "401"))  # refused before routing
+    seen = scrape(api.port)
+    before = {labels: seen.get(("vlmq_api_requests_total", labels), 0) for labels in (healthz, refused)}
+    with api.client(key=None) as http:
+        assert http.get("/v1/models").status_code == 401
+        spec = http.get("/openapi.json").json()
+        assert http.get("/docs").status_code == 200
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/readyz").json() == {"status": "ready"}
+    assert spec["openapi"].startswith("3.1")
+    assert {"Job", "JobResult", "JobError", "Media", "Generation", "Usage"} <= set(spec["components"]["schemas"])
+    assert spec["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Job"
+    }
+    assert {"/v1/chat/completions", "/v1/files", "/v1/batches", "/jobs/{job_id}", "/batches/{name}"} <= set(
+        spec["paths"]
+    )
+    samples = scrape(api.port)
+    assert samples[("vlmq_api_requests_total", healthz)] == before[healthz] + 1
+    assert samples[("vlmq_api_request_seconds_count", healthz[:2])] == before[healthz] + 1
+    assert samples[("vlmq_api_requests_total", refused)] == before[refused] + 1
+    assert KEY not in httpx.get(f"{api.url}/metrics").text
