@@ -95,6 +95,7 @@ class Gate:
         self.caps = {
             "/media": (media, "media_too_large"),
             "/v1/files": (settings.max_file_bytes + (1 << 16), "body_too_large"),
+            "/manifests": (settings.max_file_bytes, "body_too_large"),
             "/v1/chat/completions": (body + math.ceil(media * 4 / 3), "body_too_large"),
         }
 
