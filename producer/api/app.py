@@ -21,6 +21,7 @@ from producer.api import errors
 from producer.api.gate import Gate, Metrics
 from producer.api.media import Stager
 from producer.api.settings import ApiSettings
+from producer.api.submitter import Submitter
 from producer.api.waiting import Waiter
 from producer.client import Client
 
@@ -32,12 +33,13 @@ Send `Authorization: Bearer <key>` with a key from `VLMQ_API_KEYS`. Every error 
 
 @dataclass
 class Services:
-    """What the routes share: settings, the producer client, the stager and the waiter."""
+    """What the routes share: settings, the producer client, the stager, the waiter and the submitter."""
 
     settings: ApiSettings
     client: Client
     stager: Stager
     waiter: Waiter
+    submitter: Submitter
 
 
 def services(request: Request) -> Services:
@@ -88,11 +90,12 @@ def create_app(settings: ApiSettings | None = None, client: Client | None = None
 
     settings = settings or ApiSettings()
     client = client or Client(settings)
-    shared = Services(settings, client, Stager(settings, client.s3), Waiter(client))
+    shared = Services(settings, client, Stager(settings, client.s3), Waiter(client), Submitter(client))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        shared.submitter.close()
         await shared.waiter.close()
 
     app = FastAPI(title="vlmq", description=DESCRIPTION, version="0.1.0", lifespan=lifespan, redoc_url=None)

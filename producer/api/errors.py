@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -109,6 +110,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ValidationError)
     async def _job_invalid(request: Request, exc: ValidationError) -> JSONResponse:
         return invalid(list(exc.errors()), code="invalid_job").response()
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        message = f"Redis could not be reached ({type(exc).__name__}); nothing was done, try again"
+        return ApiError(503, "unavailable", message, headers={"Retry-After": "1"}).response()
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

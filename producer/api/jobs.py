@@ -59,20 +59,19 @@ def _status(job_id: str, seen: Seen) -> JobStatus:
 async def submit_job(
     job: Job,
     response: Response,
-    request: Request,
     api: Annotated[Services, Depends(services)],
     priority: Annotated[Literal["interactive", "bulk"], Query(description="the queue it goes to")] = "interactive",
 ) -> Accepted:
     """Enqueue a job (the contract's Job JSON). A job whose `id` is already queued, running or succeeded is not
     sent again: the answer is 200 with `duplicate: true`. Give `id` to make retries of this request safe."""
     await api.stager.check_job(job)
-    handle, sent = await run_in_threadpool(api.client.submit_once, job, priority=priority)
-    url = str(request.url_for("job_status", job_id=handle.id).path)
+    sent = await api.submitter.send(job, priority)
+    url = f"/jobs/{job.id}"
     if not sent:
         response.status_code = 200
-        seen = await api.waiter.state(handle.id)
-        return Accepted(id=handle.id, status=seen.state, status_url=url, duplicate=True)
-    return Accepted(id=handle.id, status="queued", status_url=url)
+        seen = await api.waiter.state(job.id)
+        return Accepted(id=job.id, status=seen.state, status_url=url, duplicate=True)
+    return Accepted(id=job.id, status="queued", status_url=url)
 
 
 @router.get("/jobs/{job_id}", summary="a job's state and result", name="job_status")

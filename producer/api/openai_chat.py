@@ -20,7 +20,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from producer.api.app import Services, services
 from producer.api.errors import ApiError
@@ -168,7 +167,7 @@ async def chat_completions(
 ) -> dict[str, Any]:
     created = int(time.time())
     job = await to_job(request, api.stager, _job_id(idempotency_key), request.metadata or {})
-    await run_in_threadpool(api.client.submit_once, job, priority="interactive")
+    await api.submitter.send(job, "interactive")
     seen = await api.waiter.wait(job.id, api.settings.chat_timeout_s)
     if seen.result is None:
         raise ApiError(

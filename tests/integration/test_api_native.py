@@ -8,6 +8,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -81,6 +82,27 @@ def test_the_same_id_twice_is_one_job_and_a_queued_job_can_be_cancelled(
     }
     assert queued(module_stack) == 0
     assert http.get("/jobs/once-1").json()["result"]["error"]["code"] == "cancelled"
+
+
+def test_twenty_concurrent_requests_with_one_new_id_send_it_once(module_stack: Stack, api: Api) -> None:
+    uri, _ = put_image(module_stack, "native/race.png", 4)
+    job = {"id": "race-1", "media": [uri], "max_new_tokens": TOKENS}
+
+    def post(_: int) -> tuple[int, bool]:
+        with api.client() as client:
+            answer = client.post("/jobs", json=job)
+        return answer.status_code, answer.json()["duplicate"]
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = sorted(pool.map(post, range(20)))
+    assert answers == [(200, True)] * 19 + [(202, False)]
+    assert queued(module_stack) == 1
+    assert http_cancel(api, "race-1") == 200
+
+
+def http_cancel(api: Api, job_id: str) -> int:
+    with api.client() as client:
+        return client.post(f"/jobs/{job_id}/cancel").status_code
 
 
 def test_a_job_long_polls_to_its_result_and_a_finished_job_cannot_be_cancelled(
