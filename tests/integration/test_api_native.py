@@ -181,3 +181,14 @@ def test_a_batch_from_an_uploaded_manifest_runs_and_streams_results_and_errors(
     assert [r["id"] for r in results] == ["m-0", "m-1", "m-3", "m-4"]
     assert [(e["id"], e["error"]["code"]) for e in errors] == [("m-2", "media_not_found")]
     assert http.get("/batches/no-such-batch").status_code == 404
+
+    put_image(module_stack, "native/missing.png", 99)  # the missing object appears: its job can succeed now
+    assert http.post(f"/batches/{name}/retry-failed").json() == {"retried": ["m-2"]}
+    deadline = time.monotonic() + 120
+    while (status := http.get(f"/batches/{name}").json())["status"] in ("submitting", "running"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert (status["status"], status["succeeded"], status["failed"]) == ("completed", 5, 0)
+    results = [json.loads(line) for line in http.get(f"/batches/{name}/results").text.splitlines()]
+    assert [r["id"] for r in results] == ["m-0", "m-1", "m-2", "m-3", "m-4"]
+    assert http.get(f"/batches/{name}/errors").text == ""

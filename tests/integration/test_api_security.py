@@ -5,6 +5,7 @@ operations routes."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -155,6 +156,29 @@ def test_without_keys_it_refuses_to_start_unless_told_to_serve_locally(module_st
         assert "vlmq api on http://127.0.0.1:" in local.service.log_path.read_text()
     finally:
         local.stop()
+
+
+def test_an_openai_batch_cancelled_before_any_worker_runs_is_cancelling(api: Api) -> None:
+    lines = "".join(
+        json.dumps(
+            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": chat("s3://b/a.png")}
+        )
+        + "\n"
+        for i in range(3)
+    )
+    with api.client() as http:
+        upload = http.post("/v1/files", files={"file": ("in.jsonl", lines.encode())}, data={"purpose": "batch"})
+        assert (upload.status_code, upload.json()["bytes"], upload.json()["purpose"]) == (200, len(lines), "batch")
+        body = {"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        created = http.post("/v1/batches", json=body).json()
+        cancelled = http.post(f"/v1/batches/{created['id']}/cancel").json()
+        wrong_endpoint = http.post("/v1/batches", json={**body, "endpoint": "/v1/embeddings"})
+        missing = http.get("/v1/files/file-nothere")
+    assert created["status"] == "in_progress"
+    assert cancelled["status"] == "cancelling"  # until workers end its queued requests `cancelled`
+    assert cancelled["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    assert (wrong_endpoint.status_code, wrong_endpoint.json()["error"]["param"]) == (400, "endpoint")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
 
 
 def test_openapi_health_readiness_and_metrics(api: Api) -> None:
