@@ -132,7 +132,7 @@ async def upload_manifest(
     format: Annotated[Literal["jsonl", "csv"], Query(description="the manifest's format")] = "jsonl",
 ) -> dict[str, str]:
     """The body is a JSONL (one job per line) or CSV manifest; the answer's `uri` goes into POST /batches."""
-    bucket = api.stager._bucket()
+    bucket = api.stager.bucket()
     key = f"{api.settings.staging_prefix}manifests/{uuid.uuid4().hex}.{format}"
     with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
         async for chunk in request.stream():

@@ -82,7 +82,8 @@ class Stager:
         self.s3 = s3
         self.networks = parse_networks(settings.http_allowed_networks)
 
-    def _bucket(self) -> str:
+    def bucket(self) -> str:
+        """The staging bucket, or 503 when none is configured."""
         if not self.settings.bucket:
             raise ApiError(503, "no_staging_bucket", "set VLMQ_STAGING_BUCKET (or VLMQ_RESULTS_BUCKET) to stage media")
         return self.settings.bucket
@@ -109,7 +110,7 @@ class Stager:
         return uri, kind, size
 
     def _put(self, body: IO[bytes], kind: Sniffed) -> str:
-        bucket = self._bucket()
+        bucket = self.bucket()
         key = f"{self.settings.staging_prefix}media/{uuid.uuid4().hex}{kind.extension}"
         self.s3.upload_fileobj(body, bucket, key, ExtraArgs={"ContentType": kind.content_type})
         return f"s3://{bucket}/{key}"

@@ -16,6 +16,7 @@ import pytest
 
 from tests.apiserver import Api, module_stack, start_api
 from tests.conftest import MEDIA_BUCKET, Stack
+from tests.helpers import count_in_logs
 from tests.reference import encode, random_image, reference_chat
 
 __all__ = ["module_stack"]  # the fixture, used by name
@@ -123,6 +124,22 @@ def test_a_multi_turn_chat_answers_the_model_cards_next_turn(
         {"role": "user", "content": [{"type": "text", "text": "What colour are its eyes?"}]},
     ]
     assert response.choices[0].message.content == expected(module_stack, turns, [body])
+
+
+def test_an_idempotency_key_makes_a_retried_request_wait_for_the_same_job(
+    module_stack: Stack, sdk: openai.OpenAI, cat: tuple[str, bytes]
+) -> None:
+    uri, body = cat
+    messages: Any = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Hi?"}]}
+    ]
+    key = {"Idempotency-Key": "retry-me-1"}
+    first = sdk.chat.completions.create(model="m", messages=messages, max_tokens=TOKENS, extra_headers=key)
+    again = sdk.chat.completions.create(model="m", messages=messages, max_tokens=TOKENS, extra_headers=key)
+    assert first.id == again.id == "chatcmpl-retry-me-1"
+    assert first.choices[0].message.content == again.choices[0].message.content
+    assert first.choices[0].message.content == expected(module_stack, [image_turn("Hi?")], [body])
+    assert count_in_logs(module_stack, r"job (chatcmpl-retry-me-1) finished")["chatcmpl-retry-me-1"] == 1
 
 
 def test_stream_true_is_refused_with_a_clear_400(sdk: openai.OpenAI, cat: tuple[str, bytes]) -> None:

@@ -91,6 +91,21 @@ def test_a_data_url_over_the_media_cap_is_413(api: Api) -> None:
     assert answer.json()["error"]["param"] == "messages.0.content.0.image_url.url"
 
 
+def test_an_upload_over_the_media_cap_is_413(api: Api) -> None:
+    with api.client() as http:
+        declared = http.post("/media", content=b"\x89PNG\r\n\x1a\n" + b"0" * MEDIA_CAP)
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it streams
+            yield b"\x89PNG\r\n\x1a\n"
+            for _ in range(10):
+                yield b"0" * 1000
+
+        streamed = http.post("/media", content=chunks())
+    for answer in (declared, streamed):
+        assert answer.status_code == 413
+        assert answer.json()["error"]["code"] == "media_too_large"
+
+
 def test_malformed_json_is_422_naming_the_field(api: Api) -> None:
     with api.client() as http:
         wrong_type = http.post("/jobs", json={"media": ["s3://b/a.png"], "max_new_tokens": "many"})
