@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -157,7 +158,9 @@ class OpenAIBatches:
             fields = self._finalize(batch_id, fields)
         rejected = len(json.loads(fields["rejected"]))
         created = int(fields["created_at"])
-        cancelled = status.cancelled > 0 or bool(self.redis.hexists(self.keys.batch(batch_id), "cancelled_at"))
+        raw_cancel: bytes | None = self.redis.hget(self.keys.batch(batch_id), "cancelled_at")  # type: ignore[assignment]
+        cancelling_at = int(datetime.fromisoformat(raw_cancel.decode()).timestamp()) if raw_cancel else None
+        cancelled = status.cancelled > 0 or cancelling_at is not None
         name = ("cancelled" if cancelled else "completed") if ended else ("cancelling" if cancelled else "in_progress")
         finished = int(fields["finalized_at"]) if ended else None
         return {
@@ -177,7 +180,7 @@ class OpenAIBatches:
             "completed_at": finished if name == "completed" else None,
             "failed_at": None,
             "expired_at": None,
-            "cancelling_at": created if cancelled else None,
+            "cancelling_at": cancelling_at,
             "cancelled_at": finished if name == "cancelled" else None,
             "request_counts": {
                 "total": int(fields["total"]),

@@ -191,6 +191,8 @@ def test_an_openai_batch_cancelled_before_any_worker_runs_is_cancelling(api: Api
         missing = http.get("/v1/files/file-nothere")
     assert created["status"] == "in_progress"
     assert cancelled["status"] == "cancelling"  # until workers end its queued requests `cancelled`
+    assert created["cancelling_at"] is None
+    assert created["created_at"] <= cancelled["cancelling_at"] <= created["created_at"] + 60
     assert cancelled["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
     assert (wrong_endpoint.status_code, wrong_endpoint.json()["error"]["param"]) == (400, "endpoint")
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
