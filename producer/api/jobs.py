@@ -70,7 +70,8 @@ async def submit_job(
     if not sent:
         response.status_code = 200
         seen = await api.waiter.state(job.id)
-        return Accepted(id=job.id, status=seen.state, status_url=url, duplicate=True)
+        state: State = "queued" if seen.state == "unknown" else seen.state  # another request is sending it now
+        return Accepted(id=job.id, status=state, status_url=url, duplicate=True)
     return Accepted(id=job.id, status="queued", status_url=url)
 
 

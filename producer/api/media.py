@@ -115,8 +115,8 @@ class Stager:
         self.s3.upload_fileobj(body, bucket, key, ExtraArgs={"ContentType": kind.content_type})
         return f"s3://{bucket}/{key}"
 
-    async def data_url(self, url: str, param: str) -> str:
-        """Stage a `data:<type>;base64,<bytes>` URL's bytes; returns its s3:// URI."""
+    async def data_url(self, url: str, param: str, kind: MediaKind) -> str:
+        """Stage a `data:<type>;base64,<bytes>` URL's bytes, which must be a `kind`; returns its s3:// URI."""
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise ApiError(400, "invalid_job", "a data: URL must be data:<type>;base64,<data>", param=param)
@@ -129,9 +129,13 @@ class Stager:
             raise ApiError(400, "media_undecodable", "the data: URL is not valid base64", param=param) from None
         if len(data) > limit:
             raise ApiError(413, "media_too_large", f"the data: URL holds more than {limit:,} bytes", param=param)
-        kind = sniff(data[:64])
-        if kind is None:
+        found = sniff(data[:64])
+        if found is None:
             raise unsupported(f"the data: URL at {param}")
+        if found.kind != kind:
+            named = {"image": "an image", "video": "a video"}
+            message = f"the data: URL holds {named[found.kind]}, not {named[kind]}"
+            raise ApiError(400, "media_unsupported", message, param=param)
 
         async def one() -> AsyncIterator[bytes]:
             yield data

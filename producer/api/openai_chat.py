@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from producer.api.app import Services, services
 from producer.api.errors import ApiError
 from producer.api.media import Stager
-from producer.jobs import JOB_ID_PATTERN, Generation, Job, JobResult
+from producer.jobs import JOB_ID_PATTERN, Generation, Job, JobResult, MediaKind
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_MAX_TOKENS = Generation.model_fields["max_new_tokens"].default
@@ -89,12 +89,13 @@ async def _part(part: ContentPart, param: str, stager: Stager) -> dict[str, Any]
     where = f"{param}.{part.type}.url"
     if media is None:
         raise ApiError(400, "invalid_job", f'an "{part.type}" part needs "{part.type}": {{"url": ...}}', param=where)
+    kind: MediaKind = "image" if part.type == "image_url" else "video"
     url = media.url
     if url.startswith("data:"):
-        url = await stager.data_url(url, where)
+        url = await stager.data_url(url, where, kind)
     else:
         await stager.check_uri(url, where)
-    return {"type": "image" if part.type == "image_url" else "video", "url": url}
+    return {"type": kind, "url": url}
 
 
 async def to_job(request: ChatRequest, stager: Stager, job_id: str, metadata: dict[str, str]) -> Job:

@@ -106,6 +106,18 @@ def test_an_upload_over_the_media_cap_is_413(api: Api) -> None:
         assert answer.json()["error"]["code"] == "media_too_large"
 
 
+def test_a_data_url_is_typed_by_its_bytes_not_its_label(api: Api) -> None:
+    png = base64.b64encode(encode(random_image(8, 8, seed=2), "PNG")).decode()
+    body = chat("s3://b/a.png")
+    body["messages"][0]["content"][0] = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{png}"}}
+    with api.client() as http:
+        as_video = http.post("/v1/chat/completions", json=body)
+        text = http.post("/v1/chat/completions", json=chat("data:image/png;base64," + base64.b64encode(b"hi").decode()))
+    assert (as_video.status_code, as_video.json()["error"]["code"]) == (400, "media_unsupported")
+    assert as_video.json()["error"]["message"] == "the data: URL holds an image, not a video"
+    assert (text.status_code, text.json()["error"]["code"]) == (415, "media_unsupported")
+
+
 def test_malformed_json_is_422_naming_the_field(api: Api) -> None:
     with api.client() as http:
         wrong_type = http.post("/jobs", json={"media": ["s3://b/a.png"], "max_new_tokens": "many"})
