@@ -105,5 +105,5 @@ def create_app(settings: ApiSettings | None = None, client: Client | None = None
     errors.install(app)
     _health_routes(app, metrics)
     for module in (jobs, batches, openai_chat, openai_files, openai_batches):
-        app.include_router(module.router, dependencies=AUTH)
+        app.include_router(module.router, dependencies=AUTH, responses=errors.ERROR_RESPONSES)
     return app

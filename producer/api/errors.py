@@ -16,7 +16,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from producer.jobs import JobError
@@ -45,6 +45,32 @@ JOB_ERROR_STATUS = {
     "media_unavailable": 502,
     "expired": 504,
     "cancelled": 409,
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str = Field(description="vlmq's error code: a job error code, or the API's own")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer, on every route (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+# The answers every authenticated route may give, for /openapi.json.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": what}
+    for status, what in (
+        (401, "no key, or a wrong one"),
+        (413, "the body is over its cap"),
+        (422, "the body breaks the schema: `param` names the first bad field"),
+        (429, "over this key's rate or concurrency limit; see Retry-After"),
+        (503, "Redis or the staging bucket is not available"),
+    )
 }
 
 

@@ -223,6 +223,9 @@ def test_openapi_health_readiness_and_metrics(api: Api) -> None:
         assert http.get("/readyz").json() == {"status": "ready"}
     assert spec["openapi"].startswith("3.1")
     assert {"Job", "JobResult", "JobError", "Media", "Generation", "Usage"} <= set(spec["components"]["schemas"])
+    assert spec["paths"]["/jobs"]["post"]["responses"]["422"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"
+    }
     assert spec["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Job"
     }
