@@ -22,11 +22,16 @@ from tests.reference import encode, random_image
 __all__ = ["module_stack"]
 
 MEDIA_CAP = 4000
+FILE_CAP = 100_000
 
 
 @pytest.fixture(scope="module")
 def api(module_stack: Stack) -> Iterator[Api]:
-    env = {"VLMQ_MAX_MEDIA_BYTES": str(MEDIA_CAP), "VLMQ_ALLOW_HTTP_MEDIA": "true"}
+    env = {
+        "VLMQ_MAX_MEDIA_BYTES": str(MEDIA_CAP),
+        "VLMQ_MAX_FILE_BYTES": str(FILE_CAP),
+        "VLMQ_ALLOW_HTTP_MEDIA": "true",
+    }
     server = start_api(module_stack, env=env)
     yield server
     server.stop()
@@ -67,6 +72,15 @@ def test_an_oversized_body_is_413(api: Api) -> None:
         "param": None,
         "code": "body_too_large",
     }
+
+
+def test_a_batch_input_file_over_its_cap_is_413(api: Api) -> None:
+    with api.client() as http:
+        answer = http.post("/v1/files", files={"file": ("big.jsonl", b"{}\n" * FILE_CAP)}, data={"purpose": "batch"})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (413, "body_too_large")
+    assert answer.json()["error"]["message"] == (
+        f"the request body is larger than {FILE_CAP + 65536:,} bytes, the limit for this route"
+    )
 
 
 def test_a_body_that_lies_about_its_length_is_cut_off_at_the_cap(api: Api) -> None:
