@@ -18,6 +18,7 @@ from tests.apiserver import KEY, OTHER_KEY, ROOT, Api, module_stack, start_api
 from tests.conftest import Stack
 from tests.helpers import scrape
 from tests.reference import encode, random_image
+from worker.devtools.local_services import free_port
 
 __all__ = ["module_stack"]
 
@@ -222,6 +223,25 @@ def test_an_openai_batch_cancelled_before_any_worker_runs_is_cancelling(api: Api
     assert cancelled["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
     assert (wrong_endpoint.status_code, wrong_endpoint.json()["error"]["param"]) == (400, "endpoint")
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+
+
+def test_without_redis_it_is_alive_not_ready_and_answers_503(module_stack: Stack) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    api = start_api(module_stack, env={"VLMQ_BROKER_URL": dead}, name="api-no-redis")
+    try:
+        with api.client() as http:
+            alive, ready = http.get("/healthz"), http.get("/readyz")
+            submitted = http.post("/jobs", json={"media": ["s3://b/a.png"]})
+    finally:
+        api.stop()
+    assert alive.status_code == 200
+    assert (ready.status_code, ready.json()["status"], sorted(ready.json()["problems"])) == (
+        503,
+        "unavailable",
+        ["redis"],
+    )
+    assert (submitted.status_code, submitted.json()["error"]["code"]) == (503, "unavailable")
+    assert submitted.headers["Retry-After"] == "1"
 
 
 def test_openapi_health_readiness_and_metrics(api: Api) -> None:
