@@ -131,7 +131,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         code = "invalid_job" if request.url.path == "/jobs" else "invalid_request"
-        return invalid(list(exc.errors()), code=code).response()
+        error = invalid(list(exc.errors()), code=code)
+        content_type = request.headers.get("content-type", "")
+        if content_type and "json" not in content_type and "multipart" not in content_type:
+            error.message += f" (the body was sent as {content_type}: send JSON, Content-Type: application/json)"
+        return error.response()
 
     @app.exception_handler(ValidationError)
     async def _job_invalid(request: Request, exc: ValidationError) -> JSONResponse:
