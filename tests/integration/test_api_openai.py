@@ -17,7 +17,7 @@ import pytest
 from tests.apiserver import Api, module_stack, start_api
 from tests.conftest import MEDIA_BUCKET, Stack
 from tests.helpers import count_in_logs
-from tests.reference import encode, random_image, reference_chat
+from tests.reference import encode, make_clip, random_image, reference_chat, video_frames
 
 __all__ = ["module_stack"]  # the fixture, used by name
 
@@ -140,6 +140,23 @@ def test_an_idempotency_key_makes_a_retried_request_wait_for_the_same_job(
     assert first.choices[0].message.content == again.choices[0].message.content
     assert first.choices[0].message.content == expected(module_stack, [image_turn("Hi?")], [body])
     assert count_in_logs(module_stack, r"job (chatcmpl-retry-me-1) finished")["chatcmpl-retry-me-1"] == 1
+
+
+def test_a_video_url_part_is_a_video_job_answering_the_model_cards_text(
+    module_stack: Stack, sdk: openai.OpenAI
+) -> None:
+    clip = make_clip(12, 32, 24, 4, seed=1)
+    module_stack.s3.client().put_object(Bucket=MEDIA_BUCKET, Key="openai/clip.mp4", Body=clip)
+    content: Any = [
+        {"type": "video_url", "video_url": {"url": f"s3://{MEDIA_BUCKET}/openai/clip.mp4"}},
+        {"type": "text", "text": "What happens?"},
+    ]
+    response = sdk.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": content}], max_tokens=TOKENS
+    )
+    turn = {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}
+    frames = video_frames(clip, 32)  # the contract's default num_frames; 12 frames give repeated indices
+    assert response.choices[0].message.content == reference_chat(module_stack.model, [turn], [], [frames], TOKENS)
 
 
 def test_stream_true_is_refused_with_a_clear_400(sdk: openai.OpenAI, cat: tuple[str, bytes]) -> None:
