@@ -3,6 +3,8 @@
     POST /v1/files                multipart `file` and `purpose` (batch) -> the file object
     GET  /v1/files/{id}           the file object
     GET  /v1/files/{id}/content   the file's bytes (streamed)
+    GET  /v1/files                the newest files (`limit`)
+    DELETE /v1/files/{id}         delete a file
 
 A file is one S3 object, `<VLMQ_STAGING_PREFIX>files/<id>`; its name, purpose and creation time are the object's
 metadata, so nothing about files is kept in Redis.
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from typing import IO, Annotated, Any
 
 from botocore.exceptions import ClientError
-from fastapi import APIRouter, Depends, Form, Path, UploadFile
+from fastapi import APIRouter, Depends, Form, Path, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -80,6 +82,20 @@ class Files:
         bucket, key = self.key(file_id)
         yield from self.s3.get_object(Bucket=bucket, Key=key)["Body"].iter_lines(keepends=True)
 
+    def newest(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` files."""
+        bucket, prefix = self.key("")
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        objects = [o for page in pages for o in page.get("Contents", [])]
+        newest = sorted(objects, key=lambda o: o["LastModified"], reverse=True)[:limit]
+        return [self.get(o["Key"][len(prefix) :]) for o in newest]
+
+    def delete(self, file_id: str) -> dict[str, Any]:
+        self.get(file_id)
+        bucket, key = self.key(file_id)
+        self.s3.delete_object(Bucket=bucket, Key=key)
+        return {"id": file_id, "object": "file", "deleted": True}
+
     def chunks(self, file_id: str) -> Iterator[bytes]:
         bucket, key = self.key(file_id)
         yield from self.s3.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 16)
@@ -97,6 +113,18 @@ async def create_file(
     if purpose != "batch":
         raise ApiError(400, "unsupported_parameter", "only purpose `batch` is supported", param="purpose")
     return await run_in_threadpool(store.put, file.file, file.filename or "upload.jsonl", purpose)
+
+
+@router.get("/files", summary="the newest files")
+async def list_files(
+    store: Annotated[Files, Depends(files)], limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    return {"object": "list", "data": await run_in_threadpool(store.newest, limit), "has_more": False}
+
+
+@router.delete("/files/{file_id}", summary="delete a file")
+async def delete_file(file_id: FileId, store: Annotated[Files, Depends(files)]) -> dict[str, Any]:
+    return await run_in_threadpool(store.delete, file_id)
 
 
 @router.get("/files/{file_id}", summary="a file's object")

@@ -212,6 +212,7 @@ def test_a_batch_of_20_with_2_bad_requests_completes_with_18_outputs_and_2_error
         file=("requests.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode()), purpose="batch"
     )
     assert sdk.files.retrieve(upload.id).filename == "requests.jsonl"
+    assert upload.id in [f.id for f in sdk.files.list()]
     batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert batch.status == "in_progress"
     deadline = time.monotonic() + 300
@@ -237,6 +238,9 @@ def test_a_batch_of_20_with_2_bad_requests_completes_with_18_outputs_and_2_error
         want = expected(module_stack, [image_turn(f"Q{i}?")], [images[i % 3]])
         assert body["choices"][0]["message"]["content"] == want, f"req-{i}"
 
+    assert sdk.files.delete(upload.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(upload.id)
     assert [e["custom_id"] for e in errors] == ["req-5", "req-12"]
     assert [e["response"]["status_code"] for e in errors] == [400, 422]
     assert errors[0]["response"]["body"]["error"]["code"] == "media_not_found"
