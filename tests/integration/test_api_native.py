@@ -192,3 +192,20 @@ def test_a_batch_from_an_uploaded_manifest_runs_and_streams_results_and_errors(
     results = [json.loads(line) for line in http.get(f"/batches/{name}/results").text.splitlines()]
     assert [r["id"] for r in results] == ["m-0", "m-1", "m-2", "m-3", "m-4"]
     assert http.get(f"/batches/{name}/errors").text == ""
+
+
+def test_a_batch_from_an_s3_prefix_takes_its_images_and_defaults(module_stack: Stack, http: httpx.Client) -> None:
+    bodies = [put_image(module_stack, f"native/prefix/{i}.png", 20 + i)[1] for i in range(2)]
+    module_stack.s3.client().put_object(Bucket=MEDIA_BUCKET, Key="native/prefix/notes.txt", Body=b"not media")
+    name = f"prefix-{module_stack.queue}"
+    body = {"name": name, "prefix": f"s3://{MEDIA_BUCKET}/native/prefix/", "defaults": {"max_new_tokens": TOKENS}}
+    assert http.post("/batches", json=body).status_code == 202
+    deadline = time.monotonic() + 120
+    while (status := http.get(f"/batches/{name}").json())["status"] in ("submitting", "running"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert (status["status"], status["total"], status["succeeded"]) == ("completed", 2, 2)
+    results = [json.loads(line) for line in http.get(f"/batches/{name}/results").text.splitlines()]
+    assert [r["text"] for r in results] == [caption(module_stack, b) for b in bodies]
+    both = http.post("/batches", json={**body, "manifest": "s3://x/y.jsonl"})
+    assert (both.status_code, both.json()["error"]["code"]) == (422, "invalid_request")
