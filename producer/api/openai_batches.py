@@ -7,14 +7,17 @@
 
 Each input line becomes a chat job (`<batch id>.<line>`, its custom_id in the job's metadata); a line whose body
 breaks the contract (or names media the workers would refuse) never becomes a job and goes to the error file.
-Status: `in_progress` while jobs run (`cancelling` once cancelled), `completed` (or `cancelled`) once every job has
-ended and the output and error files are written. request_counts: `completed` = succeeded requests, `failed` =
-the others.
+Status: `validating` while the lines become jobs (after the create request is answered; `failed`, with `errors`,
+when the file cannot be read or has more than 50,000 lines), `in_progress` while jobs run (`cancelling` once
+cancelled), `completed` (or `cancelled`) once every job has ended and the output and error files are written.
+request_counts: `completed` = succeeded requests, `failed` = the others.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from datetime import datetime
@@ -30,6 +33,7 @@ from producer.api.openai_chat import ChatRequest, completion, to_job
 from producer.api.openai_files import Files
 from producer.jobs import Job, JobResult
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 ENDPOINT = "/v1/chat/completions"
 MAX_LINES = 50_000
@@ -94,6 +98,21 @@ def _result_line(result: JobResult, created: int, model: str) -> tuple[bool, dic
     return result.ok, {"id": f"batch_req_{result.id}", "custom_id": custom_id, "response": response, "error": None}
 
 
+# The fields of OpenAI's batch object that a batch not started yet has empty.
+_BLANK: dict[str, Any] = {
+    "object": "batch",
+    "endpoint": ENDPOINT,
+    "completion_window": "24h",
+    "output_file_id": None,
+    "error_file_id": None,
+    "in_progress_at": None,
+    "finalizing_at": None,
+    "completed_at": None,
+    "expired_at": None,
+    "cancelled_at": None,
+}
+
+
 class OpenAIBatches:
     """The OpenAI batch records in Redis, and the files they end with."""
 
@@ -110,7 +129,9 @@ class OpenAIBatches:
             raise ApiError(404, "not_found", f"no batch {batch_id!r}", param="batch_id")
         return fields
 
-    def create(self, batch_id: str, body: BatchCreate, jobs: list[Job], rejected: list[Rejected]) -> dict[str, Any]:
+    def create(self, batch_id: str, body: BatchCreate) -> None:
+        """The batch's record, `validating` until its lines are jobs (`submit`) or it has failed (`fail`)."""
+        self.files.get(body.input_file_id)  # 404 now for a file that does not exist
         created = int(time.time())
         self.redis.hset(
             self.keys.openai_batch(batch_id),
@@ -118,12 +139,35 @@ class OpenAIBatches:
                 "input_file_id": body.input_file_id,
                 "created_at": created,
                 "metadata": json.dumps(body.metadata),
-                "total": len(jobs) + len(rejected),
-                "rejected": json.dumps([r.model_dump() for r in rejected]),
+                "total": 0,
+                "rejected": "[]",
             },
         )
         self.redis.zadd(self.keys.openai_batches(), {batch_id: created})
+
+    def submit(self, batch_id: str, jobs: list[Job], rejected: list[Rejected]) -> None:
+        """Send the batch's jobs as the vlmq batch `batch_id`; a cancel that came while validating applies now."""
+        key = self.keys.openai_batch(batch_id)
+        self.redis.hset(
+            key,
+            mapping={"total": len(jobs) + len(rejected), "rejected": json.dumps([r.model_dump() for r in rejected])},
+        )
         self.api.client.submit_batch(batch_id, jobs, progress=False)
+        if self.redis.hexists(key, "cancel_requested_at"):
+            self.api.client.batch(batch_id).cancel()
+
+    def fail(self, batch_id: str, error: ApiError) -> None:
+        """The batch could not start (its file is unreadable or too long): status `failed`, with the reason."""
+        errors = {"object": "list", "data": [{"code": error.code, "message": error.message, "param": error.param}]}
+        self.redis.hset(
+            self.keys.openai_batch(batch_id), mapping={"failed_at": int(time.time()), "errors": json.dumps(errors)}
+        )
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        self.record(batch_id)
+        self.redis.hsetnx(self.keys.openai_batch(batch_id), "cancel_requested_at", int(time.time()))
+        if self.api.client.batch(batch_id).status().status != "unknown":  # else `submit` cancels it once sent
+            self.api.client.batch(batch_id).cancel()
         return self.view(batch_id)
 
     def _finalize(self, batch_id: str, fields: dict[str, str]) -> dict[str, str]:
@@ -149,17 +193,40 @@ class OpenAIBatches:
             self.redis.hset(self.keys.openai_batch(batch_id), field, value)
         return {**fields, **done}
 
+    def _not_started(self, batch_id: str, fields: dict[str, str]) -> dict[str, Any]:
+        """A batch still validating its lines, or one that failed to start."""
+        failed = "failed_at" in fields
+        created = int(fields["created_at"])
+        cancelling = fields.get("cancel_requested_at")
+        return {
+            **_BLANK,
+            "id": batch_id,
+            "input_file_id": fields["input_file_id"],
+            "status": "failed" if failed else "cancelling" if cancelling else "validating",
+            "errors": json.loads(fields["errors"]) if failed else None,
+            "created_at": created,
+            "expires_at": created + 24 * 3600,
+            "failed_at": int(fields["failed_at"]) if failed else None,
+            "cancelling_at": int(cancelling) if cancelling else None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": json.loads(fields["metadata"]),
+        }
+
     def view(self, batch_id: str) -> dict[str, Any]:
         """OpenAI's batch object."""
         fields = self.record(batch_id)
         status = self.api.client.batch(batch_id).status()
-        ended = status.status not in ("submitting", "running", "unknown")
+        if "failed_at" in fields or status.status == "unknown":
+            return self._not_started(batch_id, fields)
+        ended = status.status not in ("submitting", "running")
         if ended and "finalized_at" not in fields:
             fields = self._finalize(batch_id, fields)
         rejected = len(json.loads(fields["rejected"]))
         created = int(fields["created_at"])
         raw_cancel: bytes | None = self.redis.hget(self.keys.batch(batch_id), "cancelled_at")  # type: ignore[assignment]
         cancelling_at = int(datetime.fromisoformat(raw_cancel.decode()).timestamp()) if raw_cancel else None
+        if "cancel_requested_at" in fields:
+            cancelling_at = int(fields["cancel_requested_at"])
         cancelled = status.cancelled > 0 or cancelling_at is not None
         name = ("cancelled" if cancelled else "completed") if ended else ("cancelling" if cancelled else "in_progress")
         finished = int(fields["finalized_at"]) if ended else None
@@ -203,18 +270,38 @@ async def create_batch(
         raise ApiError(400, "unsupported_parameter", f"only endpoint {ENDPOINT} is supported", param="endpoint")
     if body.completion_window != "24h":
         raise ApiError(400, "unsupported_parameter", "completion_window must be 24h", param="completion_window")
-    lines = await run_in_threadpool(lambda: list(store.files.lines(body.input_file_id)))
-    if len(lines) > MAX_LINES:
-        raise ApiError(400, "invalid_request", f"more than {MAX_LINES:,} requests", param="input_file_id")
     batch_id = f"batch_{uuid.uuid4().hex}"
-    items: list[Job | Rejected] = []
-    seen: set[str] = set()
-    for n, raw in enumerate(lines, 1):
-        if raw.strip():
-            items.append(await _line(api, batch_id, n, raw, seen))
-    jobs = [i for i in items if isinstance(i, Job)]
-    rejected = [i for i in items if isinstance(i, Rejected)]
-    return await run_in_threadpool(store.create, batch_id, body, jobs, rejected)
+    await run_in_threadpool(store.create, batch_id, body)
+    task = asyncio.create_task(_validate_and_send(api, store, batch_id, body.input_file_id))
+    _VALIDATING.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(_VALIDATING.discard)
+    return await run_in_threadpool(store.view, batch_id)
+
+
+_VALIDATING: set[asyncio.Task[None]] = set()
+
+
+async def _validate_and_send(api: Services, store: OpenAIBatches, batch_id: str, file_id: str) -> None:
+    """Turn the input file's lines into jobs (a bad line becomes an error line) and send them; the request that
+    created the batch has been answered (`validating`) already."""
+    try:
+        lines = await run_in_threadpool(lambda: list(store.files.lines(file_id)))
+        if len(lines) > MAX_LINES:
+            raise ApiError(400, "invalid_request", f"more than {MAX_LINES:,} requests", param="input_file_id")
+        items: list[Job | Rejected] = []
+        seen: set[str] = set()
+        for n, raw in enumerate(lines, 1):
+            if raw.strip():
+                items.append(await _line(api, batch_id, n, raw, seen))
+            if n % 100 == 0:
+                await asyncio.sleep(0)  # let other requests in while a long file is read
+        jobs = [i for i in items if isinstance(i, Job)]
+        rejected = [i for i in items if isinstance(i, Rejected)]
+        await run_in_threadpool(store.submit, batch_id, jobs, rejected)
+    except Exception as exc:
+        log.exception("batch %s could not start", batch_id)
+        error = exc if isinstance(exc, ApiError) else ApiError(500, "internal", f"{type(exc).__name__}: {exc}")
+        await run_in_threadpool(store.fail, batch_id, error)
 
 
 @router.get("/batches/{batch_id}", summary="a batch")
@@ -242,9 +329,4 @@ async def list_batches(
 
 @router.post("/batches/{batch_id}/cancel", summary="cancel a batch")
 async def cancel_batch(batch_id: BatchId, store: Annotated[OpenAIBatches, Depends(batches)]) -> dict[str, Any]:
-    def cancel() -> dict[str, Any]:
-        store.record(batch_id)
-        store.api.client.batch(batch_id).cancel()
-        return store.view(batch_id)
-
-    return await run_in_threadpool(cancel)
+    return await run_in_threadpool(store.cancel, batch_id)

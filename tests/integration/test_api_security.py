@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -214,15 +215,38 @@ def test_an_openai_batch_cancelled_before_any_worker_runs_is_cancelling(api: Api
         body = {"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
         created = http.post("/v1/batches", json=body).json()
         cancelled = http.post(f"/v1/batches/{created['id']}/cancel").json()
+        deadline = time.monotonic() + 30
+        while (later := http.get(f"/v1/batches/{created['id']}").json())["request_counts"]["total"] == 0:
+            assert time.monotonic() < deadline, later  # still validating its lines
+            time.sleep(0.1)
         wrong_endpoint = http.post("/v1/batches", json={**body, "endpoint": "/v1/embeddings"})
+        no_file = http.post("/v1/batches", json={**body, "input_file_id": "file-nothere"})
         missing = http.get("/v1/files/file-nothere")
-    assert created["status"] == "in_progress"
-    assert cancelled["status"] == "cancelling"  # until workers end its queued requests `cancelled`
-    assert created["cancelling_at"] is None
+    assert (created["status"], created["cancelling_at"]) == ("validating", None)
+    assert cancelled["status"] == "cancelling"  # cancelled while validating: applied once its jobs are sent
     assert created["created_at"] <= cancelled["cancelling_at"] <= created["created_at"] + 60
-    assert cancelled["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    assert later["status"] == "cancelling"  # until workers end its queued requests `cancelled`
+    assert later["cancelling_at"] == cancelled["cancelling_at"]
+    assert later["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
     assert (wrong_endpoint.status_code, wrong_endpoint.json()["error"]["param"]) == (400, "endpoint")
+    assert (no_file.status_code, no_file.json()["error"]["code"]) == (404, "not_found")
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+
+
+def test_an_openai_batch_over_50000_lines_fails_with_its_reason(api: Api) -> None:
+    with api.client() as http:
+        upload = http.post("/v1/files", files={"file": ("in.jsonl", b"\n" * 50_001)}, data={"purpose": "batch"})
+        body = {"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        created = http.post("/v1/batches", json=body).json()
+        deadline = time.monotonic() + 30
+        while (batch := http.get(f"/v1/batches/{created['id']}").json())["status"] == "validating":
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.1)
+    assert batch["status"] == "failed"
+    assert batch["errors"] == {
+        "object": "list",
+        "data": [{"code": "invalid_request", "message": "more than 50,000 requests", "param": "input_file_id"}],
+    }
 
 
 def test_without_redis_it_is_alive_not_ready_and_answers_503(module_stack: Stack) -> None:
