@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -75,6 +75,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
 
+        self.in_flight = Gauge(
+            "vlmq_api_requests_in_flight",
+            "Authenticated requests being answered (long polls included)",
+            registry=self.registry,
+        )
+
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
@@ -129,10 +135,12 @@ class Gate:
             await exc.response()(scope, receive, send)
             return
         self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        self.metrics.in_flight.inc()
         try:
             await self._capped(scope, receive, send)
         finally:
             self.in_flight[key] -= 1
+            self.metrics.in_flight.dec()
 
     def _key(self, scope: Scope) -> str:
         """The caller's key id (`key-<n>`), or 401."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -19,10 +20,12 @@ from tests.apiserver import KEY, OTHER_KEY, ROOT, Api, module_stack, start_api
 from tests.conftest import Stack
 from tests.helpers import scrape
 from tests.reference import encode, random_image
-from worker.devtools.local_services import free_port
+from worker.devtools.local_services import free_port, wait_until
 
 __all__ = ["module_stack"]
 
+IN_FLIGHT = ("vlmq_api_requests_in_flight", ())
+THIRD_KEY = "test-key-3"
 MEDIA_CAP = 4000
 FILE_CAP = 100_000
 
@@ -171,18 +174,46 @@ def test_a_private_network_https_url_is_refused_with_the_workers_code(api: Api, 
 
 
 def test_a_key_over_its_rate_is_429_with_retry_after_and_other_keys_are_not(module_stack: Stack) -> None:
-    limited = start_api(module_stack, env={"VLMQ_RATE_LIMIT_PER_S": "0.2", "VLMQ_RATE_BURST": "3"}, name="api-rate")
+    env = {
+        "VLMQ_RATE_LIMIT_PER_S": "0.2",
+        "VLMQ_RATE_BURST": "3",
+        "VLMQ_MAX_CONCURRENT_PER_KEY": "2",
+        "VLMQ_API_KEYS": f"{KEY},{OTHER_KEY},{THIRD_KEY}",
+    }
+    limited = start_api(module_stack, env=env, name="api-rate")
     try:
         with limited.client() as http, limited.client(key=OTHER_KEY) as other:
             codes = [http.get("/v1/models").status_code for _ in range(4)]
             refused = http.get("/v1/models")
             assert other.get("/v1/models").status_code == 200
+            busy = two_long_polls_and_one_more(limited)
     finally:
         limited.stop()
     assert codes == [200, 200, 200, 429]
     assert refused.status_code == 429
     assert refused.headers["Retry-After"] == "5"
     assert refused.json()["error"]["code"] == "rate_limited"
+    assert (busy.status_code, busy.headers["Retry-After"], busy.json()["error"]["code"]) == (429, "1", "rate_limited")
+    assert (
+        busy.json()["error"]["message"] == "this key has 2 requests in flight, the most it may; wait for one to finish"
+    )
+
+
+def two_long_polls_and_one_more(api: Api) -> httpx.Response:
+    """With two of a key's requests waiting on a queued job (no worker runs it), the key's third request."""
+    with api.client(key=THIRD_KEY) as http:
+        assert http.post("/jobs", json={"id": "waited-on", "media": ["s3://b/a.png"]}).status_code == 202
+
+        def poll() -> int:
+            with api.client(key=THIRD_KEY) as client:
+                return client.get("/jobs/waited-on", params={"wait": 3}).status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            polls = [pool.submit(poll) for _ in range(2)]
+            wait_until(lambda: scrape(api.port)[IN_FLIGHT] == 2, 10, "two long polls in flight")
+            third = http.get("/jobs/waited-on")
+            assert [p.result() for p in polls] == [200, 200]
+    return third
 
 
 def test_without_keys_it_refuses_to_start_unless_told_to_serve_locally(module_stack: Stack) -> None:
