@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import redis
 
 from tests.apiserver import KEY, OTHER_KEY, ROOT, Api, module_stack, start_api
 from tests.conftest import Stack
@@ -297,6 +298,31 @@ def test_without_redis_it_is_alive_not_ready_and_answers_503(module_stack: Stack
     )
     assert (submitted.status_code, submitted.json()["error"]["code"]) == (503, "unavailable")
     assert submitted.headers["Retry-After"] == "1"
+
+
+def test_twenty_long_polls_share_one_read_of_redis_per_interval(module_stack: Stack, api: Api) -> None:
+    ids = [f"polled-{i}" for i in range(20)]
+    with api.client() as http:
+        for job_id in ids:
+            assert http.post("/jobs", json={"id": job_id, "media": ["s3://b/a.png"]}).status_code == 202
+    stats = redis.Redis.from_url(module_stack.redis.url)
+    before = stats.info("commandstats")
+
+    def poll(job_id: str) -> str:
+        with api.client() as client:
+            return str(client.get(f"/jobs/{job_id}", params={"wait": 2}).json()["status"])
+
+    with ThreadPoolExecutor(20) as pool:
+        states = list(pool.map(poll, ids))
+    after = stats.info("commandstats")
+    calls = {
+        c: after[f"cmdstat_{c}"]["calls"] - before.get(f"cmdstat_{c}", {"calls": 0})["calls"] for c in ("get", "mget")
+    }
+    assert states == ["queued"] * 20
+    # each request reads the job's state as it starts and as it times out (its result, and its start count: 2 GETs
+    # each time); polling each job alone every 50 ms would add some 800 more
+    assert calls["get"] == 4 * 20, calls
+    assert 20 <= calls["mget"] <= 60, calls  # 2 s / 50 ms, for all twenty together
 
 
 def test_openapi_health_readiness_and_metrics(api: Api) -> None:
