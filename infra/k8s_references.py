@@ -1,5 +1,6 @@
 """References between rendered Kubernetes resources, for `infra/validate.py`: what would fail, or do nothing, once
-applied (volumes, named ports, ConfigMaps, selectors, the KEDA target and its queues, the worker's GPU and grace)."""
+applied (volumes, named ports, ConfigMaps, selectors, the KEDA target and its queues, the worker's GPU and grace,
+the autoscaler's target and requests)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def reference_problems(resources: list[Resource]) -> Iterator[str]:
     yield from _service_monitor_problems(by_kind)
     for so in by_kind.get("ScaledObject", {}).values():
         yield from _scaled_object_problems(so, by_kind, deployments, config)
+    for hpa in by_kind.get("HorizontalPodAutoscaler", {}).values():
+        yield from _autoscaler_problems(hpa, deployments)
 
 
 def _settings(c: dict[str, Any], config: ConfigMaps) -> dict[str, str]:
@@ -121,3 +124,19 @@ def _scaled_object_problems(
             queue = _settings(c, config).get(setting, default)
             if queue not in watched:
                 yield f"{so}: no redis trigger watches {setting} {queue!r} of {target} (watched: {sorted(watched)})"
+
+
+def _autoscaler_problems(hpa: Resource, deployments: dict[str, Resource]) -> Iterator[str]:
+    """A HorizontalPodAutoscaler: its target exists and leaves `replicas` to it, and a CPU or memory target has
+    requests to be a share of in every container."""
+    target = deployments.get(hpa.doc["spec"]["scaleTargetRef"]["name"])
+    if target is None:
+        yield f"{hpa}: scaleTargetRef {hpa.doc['spec']['scaleTargetRef']['name']} is not a Deployment of this build"
+        return
+    if "replicas" in target.doc["spec"]:
+        yield f"{hpa}: {target} sets spec.replicas, which every `kubectl apply` resets under the autoscaler: remove it"
+    for metric in hpa.doc["spec"].get("metrics") or []:
+        name = (metric.get("resource") or {}).get("name")
+        for c in containers(target.doc) if metric.get("type") == "Resource" else []:
+            if name not in ((c.get("resources") or {}).get("requests") or {}):
+                yield f"{hpa}: scales on {name} utilization, but container {c['name']} of {target} requests no {name}"

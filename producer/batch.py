@@ -31,6 +31,7 @@ import redis
 from tqdm import tqdm
 
 from producer.export import write_results
+from producer.jobs import JobResult
 from producer.keys import Keys
 from producer.publish import again, now_iso
 from producer.webhook import post_webhook
@@ -279,6 +280,16 @@ class BatchHandle:
         """
         return write_results(self.results, path, errors_path)
 
+    def ended(self, chunk: int = 500) -> Iterator[JobResult | None]:
+        """Each job's result in input order, streamed `chunk` at a time from Redis (S3 for those expired there);
+        None for a job with no result in this run yet."""
+        for ids in self.store.ids(self.name, chunk):
+            states = self.store.states(self.name, ids)
+            # A job not ended in this run has no result yet: an older one would be stale.
+            ended = [i for i, state in zip(ids, states, strict=True) if state in ("succeeded", "failed", "cancelled")]
+            found = dict(zip(ended, self.client.result_reader.many(ended), strict=True))
+            yield from (found.get(i) for i in ids)
+
     def results(self, out: IO[str], errors: IO[str] | None = None, chunk: int = 500) -> tuple[int, int, int]:
         """Write one JobResult JSON line per job in input order (failed ones to `errors` instead, when given).
 
@@ -286,16 +297,11 @@ class BatchHandle:
         without a result yet).
         """
         counts = [0, 0, 0]
-        for ids in self.store.ids(self.name, chunk):
-            states = self.store.states(self.name, ids)
-            # A job not ended in this run has no result yet: an older one would be stale.
-            ended = [i for i, state in zip(ids, states, strict=True) if state in ("succeeded", "failed", "cancelled")]
-            counts[2] += len(ids) - len(ended)
-            for result in self.client.result_reader.many(ended):
-                if result is None:
-                    counts[2] += 1
-                    continue
-                counts[0 if result.ok else 1] += 1
-                target = out if result.ok or errors is None else errors
-                target.write(result.model_dump_json() + "\n")
+        for result in self.ended(chunk):
+            if result is None:
+                counts[2] += 1
+                continue
+            counts[0 if result.ok else 1] += 1
+            target = out if result.ok or errors is None else errors
+            target.write(result.model_dump_json() + "\n")
         return counts[0], counts[1], counts[2]

@@ -171,6 +171,15 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    try:
+        from producer.api.server import main
+    except ImportError as exc:
+        print(f"vlmq api: {exc.name} is not installed. Hint: pip install 'vlmq[api]'", file=sys.stderr)
+        return EXIT_NO_RESULT
+    return main(args.host, args.port, args.allow_no_auth_local)
+
+
 def _manifest_options(args: argparse.Namespace, client: Any) -> tuple[str, dict[str, Any]]:
     source = args.manifest or args.prefix
     if not source:
@@ -289,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9809)
     p.add_argument("--queues", help="comma-separated queue names (default VLMQ_INTERACTIVE_QUEUE,VLMQ_QUEUE)")
     p.set_defaults(func=cmd_exporter)
+
+    p = sub.add_parser("api", help="serve the HTTP API: native job and batch routes, OpenAI-compatible /v1 routes")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--allow-no-auth-local", action="store_true", help="no VLMQ_API_KEYS: serve on 127.0.0.1 only")
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("submit", help="enqueue jobs, one per URI; print their ids (or results with --wait)")
     p.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key, file:///path, ...")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
@@ -12,6 +13,7 @@ from celery.result import AsyncResult
 from tqdm import tqdm
 
 from producer.batch import BatchHandle, BatchStore
+from producer.cancel import cancel_queued
 from producer.errors import InvalidBatchName
 from producer.jobs import JOB_ID_PATTERN, Job, JobResult
 from producer.ledger import DeadLetter, Ledger
@@ -122,6 +124,50 @@ class Client:
         job_id, payload = fresh(job)
         self.publisher.publish([(job_id, payload)], self.publisher.queue(priority), force)
         return JobHandle(self, job_id)
+
+    def submit_once(self, job: Job | dict[str, Any], *, priority: Priority = "interactive") -> tuple[JobHandle, bool]:
+        """Like `submit`, but a job whose id is already queued, running or succeeded is not sent again: the same
+        id twice is one job, even from two callers at once. Returns the handle and whether this call sent it.
+
+        A job id that ended failed is sent again (its old result is dropped from Redis at once, so waiting for the
+        id waits for the new run).
+
+        Raises:
+            pydantic.ValidationError: the job breaks the contract; the message names the field.
+        """
+        job_id, payload = fresh(job)
+        return JobHandle(self, job_id), self.send_once([(job_id, payload)], priority)[0]
+
+    def send_once(self, items: Sequence[tuple[str, dict[str, Any]]], priority: Priority = "interactive") -> list[bool]:
+        """`submit_once` for many validated jobs ((id, job JSON), as `publish.fresh` makes them) in a few round
+        trips whatever their number; returns, for each, whether this call sent it."""
+        claims = self.ledger.claim([job_id for job_id, _ in items])
+        send = [item for item, claim in zip(items, claims, strict=True) if claim is None]
+        try:
+            self._forget_results([job_id for job_id, _ in send])
+            self.publisher.publish(send, self.publisher.queue(priority))
+        finally:
+            self.ledger.release([job_id for job_id, _ in send])
+        return [claim is None for claim in claims]
+
+    def _forget_results(self, job_ids: Sequence[str]) -> None:
+        """Drop Celery's stored results of these ids (a failed earlier run's), in one round trip on Redis."""
+        backend: Any = self.celery.backend
+        if not job_ids:
+            return
+        if hasattr(backend, "client") and hasattr(backend, "get_key_for_task"):
+            backend.client.delete(*(backend.get_key_for_task(job_id) for job_id in job_ids))
+            return
+        for job_id in job_ids:
+            AsyncResult(job_id, app=self.celery).forget()
+
+    def cancel(self, job_id: str) -> JobResult | None:
+        """Cancel a job no worker has taken yet: it ends `cancelled` without running. Returns its result, or None
+        when it cannot be cancelled (a worker has it, it has ended, or it is unknown)."""
+        raw = self.ledger.redis.hget(self.ledger.payloads_key, job_id)
+        if raw is None:
+            return None
+        return cancel_queued(self, job_id, json.loads(raw))
 
     def send_json(self, job_id: str, payload: dict[str, Any], queue: str | None = None, force: bool = False) -> None:
         """Enqueue a job's JSON as it is, under `job_id` (for jobs validated before: dead letters, lost messages);

@@ -259,6 +259,13 @@ class Timings(BaseModel):
     infer: float = 0.0
 
 
+class Usage(BaseModel):
+    """Token counts of a succeeded job: its prompt (media tokens included) and the tokens it generated."""
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
 class JobResult(BaseModel):
     """The one terminal outcome of a job, in Redis (Celery result) and in S3 (`<prefix><id>.json`)."""
 
@@ -270,6 +277,7 @@ class JobResult(BaseModel):
     worker: str | None = None
     attempts: int = 1
     batch_size: int | None = None
+    usage: Usage | None = None
     timings: Timings = Field(default_factory=Timings)
     metadata: dict[str, str] = Field(default_factory=dict)
     finished_at: datetime = Field(default_factory=_now)

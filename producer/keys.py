@@ -11,6 +11,8 @@ state; with the default the keys are the ones vlmq always wrote. Per job (`<id>`
   it reaching a task thread since: a message that kills the consumer itself, before any job starts, counts here.
 - `vlmq:seen:<id>`: when a worker first saw a job that came without `submitted_at` (another language's client),
   so that TTLs hold for it too.
+- `vlmq:claim:<id>`: set for a minute by `Client.submit_once` (the HTTP API's submit) when it sends the job, so
+  that two requests with the same id racing each other send it once.
 
 Per bulk queue (`<queue>`, `VLMQ_QUEUE`; the interactive queue's jobs are kept under it too):
 
@@ -32,6 +34,12 @@ Per named batch (`<name>`; see `producer/batch.py`):
 - `vlmq:batch:<name>:ids`, `vlmq:batch:<name>:state`, `vlmq:batch:<name>:failed`: ids in input order, job id ->
   state, job id -> job JSON of the failed ones;
 - `vlmq:batch-events`: the pub/sub channel a batch's end is announced on.
+
+Per OpenAI Batch API batch of `vlmq api` (`<id>`, `batch_<hex>`, also the name of its vlmq batch):
+
+- `vlmq:openai-batch:<id>`: hash of the OpenAI batch's own fields (input file, endpoint, metadata, lines refused
+  before they became jobs, output and error file ids);
+- `vlmq:openai-batches`: sorted set of batch ids by creation time, for listing.
 
 Not here, and not namespaced: kombu's own keys (the queue lists `<queue>` and `<queue>\\x06\\x16<step>`,
 `unacked`, `unacked_index`, `_kombu.binding.*`) and Celery's results (`celery-task-meta-<id>`); queue names
@@ -81,9 +89,18 @@ class Keys:
     def seen(self, job_id: str) -> str:
         return self._key("seen", job_id)
 
+    def claim(self, job_id: str) -> str:
+        return self._key("claim", job_id)
+
     def per_job(self, job_id: str) -> list[str]:
         """Every per-job key of `job_id`."""
-        return [self.deliveries(job_id), self.done(job_id), self.receipts(job_id), self.seen(job_id)]
+        return [
+            self.deliveries(job_id),
+            self.done(job_id),
+            self.receipts(job_id),
+            self.seen(job_id),
+            self.claim(job_id),
+        ]
 
     # -- per bulk queue ------------------------------------------------------------------------------------------
     def dead_letters(self) -> str:
@@ -112,3 +129,10 @@ class Keys:
     def batch_events(self) -> str:
         """The pub/sub channel batch ends are announced on."""
         return self._key("batch-events")
+
+    # -- per OpenAI batch (vlmq api) -----------------------------------------------------------------------------
+    def openai_batch(self, batch_id: str) -> str:
+        return self._key("openai-batch", batch_id)
+
+    def openai_batches(self) -> str:
+        return self._key("openai-batches")

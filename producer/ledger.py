@@ -76,6 +76,26 @@ class Ledger:
             for done, pending in zip(replies[::2], replies[1::2], strict=True)
         ]
 
+    def claim(self, job_ids: Sequence[str], ttl_s: int = 60) -> list[str | None]:
+        """Claim sending jobs, in one round trip: for each, None when this caller may send it, else "succeeded"
+        (its result is stored), "pending" (sent and not finished) or "claimed" (another caller, or an earlier
+        copy of the id in `job_ids`, is sending it now). Release the claims with `release` once sent."""
+        pipe = self.redis.pipeline()
+        for job_id in job_ids:
+            pipe.exists(self.keys.done(job_id))
+            pipe.zscore(self.pending_key, job_id)
+            pipe.set(self.keys.claim(job_id), 1, nx=True, ex=ttl_s)
+        replies = pipe.execute()
+        states: list[str | None] = []
+        for done, pending, claimed in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
+            states.append("succeeded" if done else "pending" if pending is not None else None if claimed else "claimed")
+        return states
+
+    def release(self, job_ids: Sequence[str]) -> None:
+        """Drop claims taken with `claim` (the jobs' pending entries guard them once they are sent)."""
+        if job_ids:
+            self.redis.delete(*(self.keys.claim(job_id) for job_id in job_ids))
+
     def record_requeued(self, job_id: str) -> None:
         """The job's message is pushed again (a retry): it takes its new place in the queue's order."""
         try:

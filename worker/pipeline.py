@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.jobs import Job, JobResult, Timings, describe_invalid
+from producer.jobs import Job, JobResult, Timings, Usage, describe_invalid
 from producer.results import ResultStore
 from worker.devtools.faults import Faults
 from worker.engines import Engine, start_engine
@@ -63,6 +63,7 @@ class Outcome:
     text: str
     batch_size: int
     timings: Timings
+    usage: Usage | None = None
 
 
 class Pipeline:
@@ -150,7 +151,8 @@ class Pipeline:
         generated = self.engine.add(job.id, request).result()
         done = time.perf_counter()
         timings = Timings(queued=queued_ms, fetch=(fetched - started) * 1000, infer=(done - fetched) * 1000)
-        return Outcome(text=generated.text, batch_size=generated.batch_size, timings=timings)
+        usage = Usage(prompt_tokens=generated.prompt_tokens, completion_tokens=generated.tokens)
+        return Outcome(text=generated.text, batch_size=generated.batch_size, timings=timings, usage=usage)
 
     def succeeded(self, job: Job, outcome: Outcome, attempts: int) -> JobResult:
         return JobResult(
@@ -161,6 +163,7 @@ class Pipeline:
             worker=self.worker_name,
             attempts=attempts,
             batch_size=outcome.batch_size,
+            usage=outcome.usage,
             timings=outcome.timings,
             metadata=job.metadata,
         )

@@ -135,6 +135,20 @@ def test_a_worker_replicas_field_under_keda_fails(tree: Path) -> None:
     assert all("Deployment/vlmq-worker sets spec.replicas" in p for p in problems), problems
 
 
+def test_an_api_replicas_field_under_its_autoscaler_fails(tree: Path) -> None:
+    edit(tree / "infra/k8s/base/api.yaml", "  # No `replicas`", "  replicas: 2 #")
+    problems = check_k8s(tree)
+    assert len(problems) == 3, problems  # the base and both overlays
+    assert all("Deployment/vlmq-api sets spec.replicas" in p for p in problems), problems
+
+
+def test_an_autoscaler_on_cpu_without_cpu_requests_fails(tree: Path) -> None:
+    edit(tree / "infra/k8s/base/api.yaml", "              cpu: 500m\n", "")
+    problems = check_k8s(tree)
+    assert len(problems) == 3, problems
+    assert all("scales on cpu utilization, but container api of Deployment/vlmq-api" in p for p in problems), problems
+
+
 def test_a_grace_period_shorter_than_a_batch_fails(tree: Path) -> None:
     edit(
         tree / "infra/k8s/base/worker-deployment.yaml",

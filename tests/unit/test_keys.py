@@ -17,6 +17,7 @@ def every_key(keys: Keys) -> list[str]:
         keys.done("j1"),
         keys.receipts("j1"),
         keys.seen("j1"),
+        keys.claim("j1"),
         keys.dead_letters(),
         keys.pending(),
         keys.payloads(),
@@ -28,6 +29,8 @@ def every_key(keys: Keys) -> list[str]:
         keys.batch("shoes", "state"),
         keys.batch("shoes", "failed"),
         keys.batch_events(),
+        keys.openai_batch("batch_1"),
+        keys.openai_batches(),
     ]
 
 
@@ -37,6 +40,7 @@ TODAYS_KEYS = [
     "vlmq:done:j1",
     "vlmq:receipts:j1",
     "vlmq:seen:j1",
+    "vlmq:claim:j1",
     "vlmq:dead-letters:bulk",
     "vlmq:pending:bulk",
     "vlmq:payloads:bulk",
@@ -48,6 +52,8 @@ TODAYS_KEYS = [
     "vlmq:batch:shoes:state",
     "vlmq:batch:shoes:failed",
     "vlmq:batch-events",
+    "vlmq:openai-batch:batch_1",
+    "vlmq:openai-batches",
 ]
 
 

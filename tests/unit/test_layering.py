@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "torchvision", "transformers", "decord", "vllm")
+API_FRAMEWORK = ("fastapi", "starlette", "uvicorn", "multipart")  # the `api` extra
 
 # The worker's layers, lowest first. A module may import modules of lower layers, and modules of its own layer only
 # inside its own package (worker.media.decode may import worker.media.limits); never upward. Modules not listed
@@ -81,6 +82,19 @@ def test_the_producer_never_imports_the_worker_torch_or_transformers() -> None:
         if name != "producer.cli"  # the CLI is the top: `vlmq worker` and `vlmq demo` import the worker lazily
         for imported in imports_of(path)
         if imported.split(".")[0] in ("worker", *HEAVY)
+    ]
+    assert offenders == []
+
+
+def test_only_the_cli_and_the_api_package_import_the_api_or_its_framework() -> None:
+    """`vlmq api` is an extra: the client, the worker and the rest of the producer run without FastAPI installed."""
+    modules = {**project_modules("producer"), **project_modules("worker")}
+    offenders = [
+        f"{name} imports {imported}"
+        for name, path in modules.items()
+        if name != "producer.cli" and not name.startswith("producer.api")
+        for imported in imports_of(path)
+        if imported.split(".")[0] in API_FRAMEWORK or imported.startswith("producer.api")
     ]
     assert offenders == []
 

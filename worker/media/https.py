@@ -21,14 +21,14 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import ip_address
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 
+from producer.netguard import address_allowed, effective_address, is_public, parse_networks
 from worker.errors import MediaForbidden, MediaNotFound, MediaTooLarge, MediaUnavailable
 from worker.media.limits import check_media_bytes
 from worker.settings import WorkerSettings
@@ -40,42 +40,11 @@ try:  # Mozilla's CA bundle, as requests uses; without certifi, the system's sto
 except ImportError:  # pragma: no cover
     CA_CERTS = None
 
+__all__ = ["HttpFetcher", "address_allowed", "is_public"]  # the address checks live in producer/netguard.py
+
 MAX_REDIRECTS = 5
 DEFAULT_PORTS = {"http": 80, "https": 443}
 CHUNK_BYTES = 1 << 16
-# DNS64 writes an IPv4-only host's address as 64:ff9b::a.b.c.d; the IPv4 address is the one that counts.
-_NAT64 = ip_network("64:ff9b::/96")
-
-Address = IPv4Address | IPv6Address
-Network = IPv4Network | IPv6Network
-
-
-def _effective(ip: Address) -> Address:
-    """The IPv4 address an IPv6 address only translates (::ffff:a.b.c.d, 64:ff9b::a.b.c.d), else the address."""
-    if isinstance(ip, IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip in _NAT64:
-            return IPv4Address(int(ip) & 0xFFFF_FFFF)
-    return ip
-
-
-def is_public(address: str) -> bool:
-    """Whether an address is on the public internet: not private, loopback, link-local, multicast, reserved, ..."""
-    ip = _effective(ip_address(address))
-    if isinstance(ip, IPv6Address):
-        if ip.sixtofour is not None and not is_public(str(ip.sixtofour)):  # 2002:a.b.c.d:: routes to a.b.c.d
-            return False
-        if ip.is_site_local:
-            return False
-    blocked = ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-    return ip.is_global and not (blocked or ip.is_unspecified)
-
-
-def address_allowed(address: str, networks: Sequence[Network]) -> bool:
-    """Whether the worker may connect to `address`: public, or inside one of `networks`."""
-    raw = ip_address(address)
-    return any(ip in net for ip in (raw, _effective(raw)) for net in networks) or is_public(address)
 
 
 class HttpFetcher:
@@ -83,10 +52,7 @@ class HttpFetcher:
 
     def __init__(self, settings: WorkerSettings, ca_certs: str | None = CA_CERTS) -> None:
         self.settings = settings
-        try:
-            self.networks = [ip_network(net, strict=False) for net in settings.http_allowed_networks]
-        except ValueError as exc:
-            raise ValueError(f"VLMQ_HTTP_ALLOWED_NETWORKS: {exc}. Hint: CIDRs like 10.1.2.0/24 or fd00::/8") from None
+        self.networks = parse_networks(settings.http_allowed_networks)
         # Pools are keyed by (scheme, address, port, and for https the host name): the address is already checked.
         self.pools = urllib3.PoolManager(
             num_pools=32,
@@ -172,7 +138,7 @@ class HttpFetcher:
             if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
                 raise MediaNotFound(f"{where} names a host that does not exist ({host})") from None
             raise MediaUnavailable(f"{where} names a host that could not be resolved now ({host}: {exc})") from None
-        addresses = list(dict.fromkeys(str(_effective(ip_address(str(info[4][0])))) for info in infos))
+        addresses = list(dict.fromkeys(str(effective_address(ip_address(str(info[4][0])))) for info in infos))
         for address in addresses:
             if not address_allowed(address, self.networks):
                 raise MediaForbidden(
