@@ -166,11 +166,14 @@ class PreprocessPool:
                 if ready is self._wake_r:
                     return
                 proc = by_handle[ready]
-                if ready is proc.conn:
-                    self._receive(proc)
-                else:  # it exited: take what it sent before, then replace it
-                    while self._receive(proc):
-                        pass
+                try:
+                    if ready is proc.conn:
+                        self._receive(proc)
+                    else:  # it exited: take what it sent before, then replace it
+                        while self._receive(proc):
+                            pass
+                except Exception:  # a bug here must not stop the thread every waiting job depends on
+                    log.exception("preprocessing pool: unexpected error handling a process's message")
 
     def _receive(self, proc: _Process) -> bool:
         """Handle one message from `proc`; False (and `proc` replaced) once its pipe is closed."""
