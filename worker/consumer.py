@@ -177,6 +177,21 @@ class TolerantMessage(KombuMessage):
         }
         super().__init__(stand_in, channel=channel, **kwargs)
 
+    def ack(self, multiple: bool = False) -> None:
+        """kombu's ack, except on a channel whose connection was lost meanwhile: a task that ended while the
+        consumer reconnected is acknowledged on the old channel, whose client kombu has dropped ("'NoneType' object
+        has no attribute 'hostname'", the same kombu 5.7 race as in `consumer_class`). Celery called that
+        unrecoverable and stopped the worker with status 0, its held jobs unrun. The message was put back when the
+        connection was lost (or comes back after the visibility timeout); its copy returns the stored result."""
+        try:
+            super().ack(multiple=multiple)
+        except AttributeError as error:
+            transport = getattr(self.channel, "connection", None)
+            if transport is not None and transport.client is not None:
+                raise
+            log.warning("could not acknowledge message %s on its lost connection (%s)", self.delivery_tag, error)
+            self._state = "ACK"  # done with on this side; a second ack would raise kombu's MessageStateError
+
 
 def _tolerant_loads(text: Any, *args: Any, **kwargs: Any) -> Any:
     """kombu's JSON `loads` for its Redis transport, but an item that is not JSON becomes an envelope

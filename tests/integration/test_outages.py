@@ -161,3 +161,31 @@ def test_jobs_retry_through_an_s3_outage_and_all_succeed_with_their_results_stor
     finally:
         stack.stop_workers()
         s3.stop()
+
+
+def test_an_ack_on_a_connection_lost_meanwhile_does_not_stop_the_worker(redis_server: RedisServer) -> None:
+    # The race behind a worker that stopped with status 0 after a Redis restart (kombu 5.7): a task that ended while
+    # the consumer reconnected acknowledged its message on the old channel, whose client kombu had dropped.
+    from kombu import Connection
+
+    from worker.consumer import TolerantMessage
+
+    def message(connection: Connection, tag: str) -> TolerantMessage:
+        properties = {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": "q"}}
+        envelope = {"body": "e30=", "content-type": "application/json", "headers": {}, "properties": properties}
+        return TolerantMessage(envelope, channel=connection.channel())
+
+    live = Connection(redis_server.url)
+    acked = message(live, "tag-live")
+    acked.ack()  # a live connection: kombu's own ack
+    dropped_client = Connection(redis_server.url)
+    first = message(dropped_client, "tag-1")
+    first.channel.connection.client = None  # the state of the race: the transport forgot its client
+    dropped = Connection(redis_server.url)
+    second = message(dropped, "tag-2")
+    dropped.collect()  # and once kombu collected the connection: the channel forgot its transport
+
+    first.ack()  # logged, not raised
+    second.ack()
+
+    assert (acked.acknowledged, first.acknowledged, second.acknowledged) == (True, True, True)
