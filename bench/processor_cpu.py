@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from worker import allocator
+
 LIB = "/usr/lib/x86_64-linux-gnu"
 ALLOCATORS = {
     "glibc defaults": {},
-    "glibc thresholds": {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"},
+    "glibc thresholds": allocator.GLIBC_ENV,
     "jemalloc": {"LD_PRELOAD": f"{LIB}/libjemalloc.so.2"},
     "tcmalloc": {"LD_PRELOAD": f"{LIB}/libtcmalloc_minimal.so.4"},
 }
@@ -50,7 +52,7 @@ def child(processor_dir: str, calls: int) -> None:
 
     from producer.jobs import Generation
     from worker.engines.hf_model import VisionLanguageModel
-    from worker.preprocess import _shareable
+    from worker.preprocess import shareable
 
     torch.set_num_threads(1)
     model = VisionLanguageModel.processor_only(processor_dir)
@@ -64,7 +66,7 @@ def child(processor_dir: str, calls: int) -> None:
         return model.prepare(conversation, [image], [], Generation())
 
     def hand_over() -> None:
-        sent.append(bytes(ForkingPickler.dumps(_shareable(prepare()))))
+        sent.append(bytes(ForkingPickler.dumps(shareable(prepare()))))
         del sent[:-8]  # the engine's process holds a few at a time
 
     for _ in range(20):

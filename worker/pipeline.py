@@ -145,7 +145,7 @@ class Pipeline:
                 self.restart_when_idle("a video decoder hung")
             raise
         if isinstance(request, Loaded):  # the engine prepares here (vllm: its processor runs in its front end)
-            request = self.engine.prepare(request.conversation, request.images, request.frames(), request.generation)
+            request = self.engine.prepare(request.conversation, request.images, request.videos, request.generation)
         fetched = time.perf_counter()
         self.metrics.media_seconds.observe(fetched - started)
         generated = self.engine.add(job.id, request).result()

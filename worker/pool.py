@@ -22,17 +22,25 @@ from typing import Any
 from producer.jobs import Job, JobResult
 from worker.errors import ConfigError, WorkerLost
 from worker.metrics import Metrics
-from worker.preprocess import JOBS_PER_PROCESS, START_TIMEOUT_S, PoolClosed, restored, serve
+from worker.preprocess import JOBS_PER_PROCESS, restored, serve
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0
+
+
+class PoolClosed(WorkerLost):
+    """The worker stopped while the job was being prepared; a retry runs it again (on any worker)."""
+
+    retryable = True
 
 
 @dataclass
 class _Task:
     key: int
     future: Future[Any]
-    kind: str  # "prepare" (a Job) or "record" (a result to record: `Finisher.record`'s arguments)
+    kind: str  # "prepare" (a Job's JSON) or "record" (`Finisher.record`'s arguments, the result as JSON)
     payload: Any
     job_id: str
     crashes: int = 0  # processes that died holding it; once one has, it runs alone

@@ -41,7 +41,7 @@ from producer.results import ResultStore
 from worker import media
 from worker.devtools.faults import Faults
 from worker.engines.hf_model import Prepared
-from worker.errors import DecodeHung, ResultWriteFailed, VlmqError, WorkerLost
+from worker.errors import DecodeHung, ResultWriteFailed, VlmqError
 from worker.lifecycle import Finisher
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 # Tasks one process holds at once: S3 reads and result writes wait on the network while another runs the processor.
 JOBS_PER_PROCESS = 4
-START_TIMEOUT_S = 600.0
 SHARED_MIN_BYTES = 64 * 1024
 Prepare = Callable[[list[dict[str, Any]], list[Image.Image], list[np.ndarray], Generation], Any]
 
@@ -61,17 +60,8 @@ class Loaded:
 
     conversation: list[dict[str, Any]]
     images: list[Image.Image]
-    videos: list[Any]  # frames as torch tensors across processes (shared memory), numpy arrays in one
+    videos: list[Any]  # frames: numpy arrays, torch tensors while they cross processes (`shareable`)
     generation: Generation
-
-    def frames(self) -> list[np.ndarray]:
-        return [v.numpy() if isinstance(v, torch.Tensor) else v for v in self.videos]
-
-
-class PoolClosed(WorkerLost):
-    """The worker stopped while the job was being prepared; a retry runs it again (on any worker)."""
-
-    retryable = True
 
 
 class Preprocessor:
@@ -104,7 +94,7 @@ class Preprocessor:
 def serve(conn: Connection, settings: WorkerSettings, prepares: bool) -> None:
     """A preprocessing process: prepare the jobs and record the results the pool sends, JOBS_PER_PROCESS at a time,
     until the pipe closes."""
-    import torch.multiprocessing
+    import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s preprocess[%(process)d] %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
@@ -131,7 +121,7 @@ def serve(conn: Connection, settings: WorkerSettings, prepares: bool) -> None:
                 result, job, dead = payload
                 send(key, _record(finisher, JobResult.model_validate_json(result), job, dead))
             else:
-                send(key, _shareable(preprocessor(Job.model_validate_json(payload))))
+                send(key, shareable(preprocessor(Job.model_validate_json(payload))))
         except DecodeHung as exc:
             send(key, exc)
             with send_lock:
@@ -140,7 +130,7 @@ def serve(conn: Connection, settings: WorkerSettings, prepares: bool) -> None:
             send(key, exc)
         except Exception as exc:  # a bug, still one coded error for this job
             log.exception("unexpected error in a %s task", kind)
-            send(key, VlmqError(f"unexpected {type(exc).__name__} while preparing: {exc}. This is a vlmq bug"))
+            send(key, VlmqError(f"unexpected {type(exc).__name__} in its {kind} task: {exc}. This is a vlmq bug"))
 
     conn.send(("ready",))
     with ThreadPoolExecutor(JOBS_PER_PROCESS, thread_name_prefix="vlmq-prepare") as threads:
@@ -173,7 +163,7 @@ def _record(finisher: Finisher, result: JobResult, job: Any, dead: bool) -> Resu
     return None
 
 
-def _shareable(outcome: Any) -> Any:
+def shareable(outcome: Any) -> Any:
     """Large arrays as tensors, which cross to the engine process in shared memory (one file descriptor passed per
     tensor); small tensors (token ids, masks, sizes) as numpy arrays, pickled inline: cheaper than a descriptor."""
     if isinstance(outcome, Loaded):
@@ -185,7 +175,9 @@ def _shareable(outcome: Any) -> Any:
 
 
 def restored(outcome: Any) -> Any:
-    """`_shareable` undone in the engine process (no copies: `from_numpy` shares the array's memory)."""
-    if isinstance(outcome, Prepared):
+    """`shareable` undone in the engine process (no copies: `numpy` and `from_numpy` share the memory)."""
+    if isinstance(outcome, Loaded):
+        outcome.videos = [v.numpy() for v in outcome.videos]
+    elif isinstance(outcome, Prepared):
         outcome.inputs = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in outcome.inputs.items()}
     return outcome
