@@ -18,6 +18,10 @@ SETTINGS = (
     "quantization",
     "attn_implementation",
     "max_batch_size",
+    "cuda_graphs",
+    "decoder",
+    "kv_cache_tokens",
+    "prefill_tokens",
     "max_wait_ms",
     "concurrency",
     "preprocess_workers",
@@ -54,7 +58,12 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
         choices=("sdpa", "flash_attention_2", "eager"),
         help="hf engine attention (VLMQ_ATTN_IMPLEMENTATION; default sdpa); flash_attention_2 needs CUDA, flash-attn",
     )
-    p.add_argument("--max-batch-size", type=int, help="most jobs per generate() call (VLMQ_MAX_BATCH_SIZE; default 8)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="most jobs per model call (VLMQ_MAX_BATCH_SIZE; default 8 on CPU; on CUDA, hf: as many as free memory "
+        "holds for their prompt lengths, up to 256)",
+    )
     p.add_argument("--max-wait-ms", type=float, help="longest wait for batch-mates (VLMQ_MAX_WAIT_MS; default 50)")
     p.add_argument("--concurrency", type=int, help="jobs in flight: fetching, decoding, batched (default 2 x batch)")
     p.add_argument(
@@ -65,25 +74,50 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--queue", help="bulk queue to consume (VLMQ_QUEUE; default vlmq), after VLMQ_INTERACTIVE_QUEUE")
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz on this port (VLMQ_METRICS_PORT)")
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        help="vllm engine: share of the GPU's memory it may take (VLMQ_GPU_MEMORY_UTILIZATION; default 0.9)",
-    )
-    p.add_argument(
-        "--max-model-len", type=int, help="vllm engine: longest prompt plus answer in tokens (VLMQ_MAX_MODEL_LEN)"
-    )
-    p.add_argument("--max-num-seqs", type=int, help="vllm engine: most requests running at once (VLMQ_MAX_NUM_SEQS)")
-    p.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        help="vllm engine: no CUDA graphs, less memory, slower decoding (VLMQ_ENFORCE_EAGER)",
-    )
+    _add_engine_arguments(p)
     p.add_argument(
         "--gpus",
         metavar="LIST",
         help="one worker process per GPU under a supervisor that restarts them: 0,1,2,3 or all "
         "(metrics ports: --metrics-port + GPU position)",
+    )
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """How the engines use the device: the hf engine's decode loop, and the memory and lengths of both."""
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="hf engine on CUDA: greedy jobs decode on a static cache, each step a CUDA graph built at start-up "
+        "(VLMQ_CUDA_GRAPHS; default on); --no-cuda-graphs: transformers' generate()",
+    )
+    p.add_argument(
+        "--decoder",
+        choices=("auto", "static", "generate"),
+        help="hf engine decode loop (VLMQ_DECODER; default auto: static on CUDA with CUDA graphs, else generate)",
+    )
+    p.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        help="hf static decoding: KV cache size in tokens (VLMQ_KV_CACHE_TOKENS; default from free GPU memory)",
+    )
+    p.add_argument(
+        "--prefill-tokens",
+        type=int,
+        help="hf static decoding: most prompt tokens per prefill call (VLMQ_PREFILL_TOKENS; default from free memory)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="share of GPU memory the engine may take; vllm: of all of it, hf: of what is free after loading "
+        "(VLMQ_GPU_MEMORY_UTILIZATION; default 0.9)",
+    )
+    p.add_argument("--max-model-len", type=int, help="longest prompt plus answer in tokens (VLMQ_MAX_MODEL_LEN)")
+    p.add_argument("--max-num-seqs", type=int, help="vllm engine: most requests running at once (VLMQ_MAX_NUM_SEQS)")
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        help="vllm engine: no CUDA graphs, less memory, slower decoding (VLMQ_ENFORCE_EAGER)",
     )
 
 

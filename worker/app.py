@@ -95,17 +95,18 @@ def run_worker(settings: WorkerSettings) -> None:
     health.batch_age = pipeline.engine.busy_for
     health.probe = pipeline.engine.probe
     recovery = _wire(settings, clients, pipeline, health)
+    in_flight = settings.concurrency or 2 * pipeline.engine.max_batch_size
     log.info(
         "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queues %s",
         pipeline.worker_name,
         settings.model,
-        settings.max_batch_size,
+        pipeline.engine.max_batch_size,
         settings.max_wait_ms,
-        settings.in_flight,
+        in_flight,
         " then ".join(settings.queues),
     )
     try:
-        clients.celery.worker_main(_worker_argv(settings, pipeline.worker_name))
+        clients.celery.worker_main(_worker_argv(settings, pipeline.worker_name, in_flight))
     finally:
         recovery.stop()
         pipeline.close()
@@ -187,11 +188,11 @@ def _waiting_count(settings: WorkerSettings) -> Callable[[], int]:
     return waiting
 
 
-def _worker_argv(settings: WorkerSettings, worker_name: str) -> list[str]:
+def _worker_argv(settings: WorkerSettings, worker_name: str, in_flight: int) -> list[str]:
     return [
         "worker",
         "--pool=threads",
-        f"--concurrency={settings.in_flight}",
+        f"--concurrency={in_flight}",
         f"--queues={','.join(settings.queues)}",  # in the order they are served
         "--loglevel=INFO",
         f"--hostname=vlmq-{worker_name.replace(':', '-')}@%h",

@@ -3,9 +3,10 @@
 Pure Python (no Celery, no torch) so its policy can be tested with a fake clock:
 
 - items carry a key; only items with equal keys share a batch (same generation settings, same media kind);
-- a key's items flush as soon as `max_batch_size` of them are waiting;
-- otherwise the oldest waiting item's key flushes when that item has waited `max_wait_s`,
-  taking whatever of its key is ready (up to `max_batch_size`).
+- a batch holds at most `max_batch_size` items, and only as many as `fits` accepts (the engine's memory: a batch of
+  long prompts holds fewer jobs); a key's items flush as soon as its batch is full;
+- otherwise the oldest waiting item's key flushes when that item has waited `max_wait_s`, taking whatever of its
+  key is ready, or at once when `more_coming` says no other job is on its way (waiting could not fill it).
 
 While the consumer runs a batch, new items keep arriving; when it comes back, anything whose wait is over
 flushes at once, so under load batches fill up and the model never idles waiting for a timer.
@@ -16,19 +17,43 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-Handler = Callable[[list[T]], Sequence["R | BaseException"]]
+Handler = Callable[[list[T]], "Sequence[R | BaseException] | Future[Sequence[R | BaseException]]"]
 
 
 class BatcherClosed(RuntimeError):
     """The batcher was closed before the item ran."""
+
+
+class Incoming:
+    """A count of the jobs on their way to a batcher (being fetched, decoded, prepared): while there are some, a
+    partial batch may wait for them."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def job(self) -> Iterator[None]:
+        """Count one job for the duration of the block."""
+        with self._lock:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+
+    def __bool__(self) -> bool:
+        return self._count > 0
 
 
 @dataclass
@@ -46,19 +71,24 @@ class Batcher(Generic[T, R]):
     """Collects items from many threads and hands them to `handler` in batches of compatible items.
 
     Args:
-        handler: runs one batch; returns one result or exception per item, in order. An exception it raises
-            fails every item of that batch, and the batcher carries on.
+        handler: runs one batch; returns one result or exception per item, in order, or a future of them (the
+            batch runs elsewhere and the batcher goes on to form the next). An exception it raises fails every item
+            of that batch, and the batcher carries on.
         max_batch_size: most items per batch.
         max_wait_s: longest the oldest waiting item waits for batch-mates.
+        fits: whether a batch of these items (same key, arrival order) may run together; a lone item always may.
+        more_coming: whether more items are on their way; when not, a partial batch does not wait for them.
         clock: monotonic clock in seconds; tests pass a fake one.
     """
 
     def __init__(
         self,
-        handler: Callable[[list[T]], Sequence[R | BaseException]],
+        handler: Handler[T, R],
         *,
         max_batch_size: int,
         max_wait_s: float,
+        fits: Callable[[list[T]], bool] | None = None,
+        more_coming: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -68,6 +98,8 @@ class Batcher(Generic[T, R]):
         self._handler = handler
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self._fits = fits
+        self._more_coming = more_coming
         self._clock = clock
         self._pending: list[Pending[T, R]] = []
         self._seq = itertools.count()
@@ -107,19 +139,30 @@ class Batcher(Generic[T, R]):
         groups: dict[Hashable, list[Pending[T, R]]] = {}
         for p in self._pending:  # arrival order, so each group's head is its oldest item
             groups.setdefault(p.key, []).append(p)
-        full = [g for g in groups.values() if len(g) >= self.max_batch_size]
+        batches = {key: self._batch_of(group) for key, group in groups.items()}
+        full = [batch for batch, is_full in batches.values() if is_full]
         oldest = self._pending[0]
         if full:
-            chosen = min(full, key=lambda g: g[0].seq)
+            batch = min(full, key=lambda b: b[0].seq)
         else:
             waited = self._clock() - oldest.enqueued_at
-            if waited < self.max_wait_s and not self._closed:
+            if waited < self.max_wait_s and not self._closed and self._more_coming():
                 return None, self.max_wait_s - waited
-            chosen = groups[oldest.key]
-        batch = chosen[: self.max_batch_size]
+            batch = batches[oldest.key][0]
         taken = {id(p) for p in batch}
         self._pending = [p for p in self._pending if id(p) not in taken]
         return batch, None
+
+    def _batch_of(self, group: list[Pending[T, R]]) -> tuple[list[Pending[T, R]], bool]:
+        """The head of a key's group that may run together, and whether it is full (no further item would join)."""
+        batch = group[: self.max_batch_size]
+        if self._fits is not None:
+            n = 1
+            while n < len(batch) and self._fits([p.item for p in batch[: n + 1]]):
+                n += 1
+            if n < len(batch):
+                return batch[:n], True
+        return batch, len(batch) == self.max_batch_size
 
     # -- consumer side -----------------------------------------------------------------------------------------
     def run_batch(self, batch: list[Pending[T, R]]) -> None:
@@ -128,12 +171,25 @@ class Batcher(Generic[T, R]):
         if not live:
             return
         try:
-            outcomes = list(self._handler([p.item for p in live]))
-            if len(outcomes) != len(live):
-                raise RuntimeError(f"batch handler returned {len(outcomes)} outcomes for {len(live)} items")
+            outcomes = self._handler([p.item for p in live])
         except BaseException as exc:  # a handler crash fails this batch only
             outcomes = [exc] * len(live)
-        for p, outcome in zip(live, outcomes, strict=True):
+        if isinstance(outcomes, Future):
+            outcomes.add_done_callback(lambda done: self._resolve(live, done))
+        else:
+            self._resolve(live, outcomes)
+
+    @staticmethod
+    def _resolve(
+        live: list[Pending[T, R]], outcomes: Sequence[R | BaseException] | Future[Sequence[R | BaseException]]
+    ) -> None:
+        try:
+            results = list(outcomes.result() if isinstance(outcomes, Future) else outcomes)
+            if len(results) != len(live):
+                raise RuntimeError(f"batch handler returned {len(results)} outcomes for {len(live)} items")
+        except BaseException as exc:
+            results = [exc] * len(live)
+        for p, outcome in zip(live, results, strict=True):
             if isinstance(outcome, BaseException):
                 p.future.set_exception(outcome)
             else:

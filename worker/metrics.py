@@ -58,6 +58,12 @@ class Metrics:
         self.waiting = Gauge("vlmq_engine_waiting_requests", "Requests waiting in the engine's scheduler", registry=r)
         self.kv_cache_usage = Gauge("vlmq_engine_kv_cache_usage", "Share of the KV cache in use, 0 to 1", registry=r)
         self.preemptions = Counter("vlmq_engine_preemptions", "Requests preempted for KV-cache space", registry=r)
+        self.decode_compilations = Counter(
+            "vlmq_decode_compilations",
+            "Static decode shapes built (hf: CUDA graphs captured; on CPU, each shape's buffers). All are built at "
+            "start-up, so it stays flat while the worker serves",
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "vlmq_time_to_first_token_seconds",
             "From a request reaching the engine to its first token",

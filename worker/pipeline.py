@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from producer.jobs import Job, JobResult, Timings, Usage, describe_invalid
 from producer.results import ResultStore
+from worker.batcher import Incoming
 from worker.devtools.faults import Faults
 from worker.engines import Engine, start_engine
 from worker.errors import DecodeHung, Expired, InvalidJob, VlmqError
@@ -78,6 +79,7 @@ class Pipeline:
         metrics: Metrics | None = None,
         faults: Faults | None = None,
         pool: PreprocessPool | None = None,
+        incoming: Incoming | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -86,6 +88,7 @@ class Pipeline:
         self.preprocess = Preprocessor(settings, s3_client, engine.prepare, faults)
         self.pool = pool
         self.results = results
+        self.incoming = incoming or Incoming()
         self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.restart_requested = False
 
@@ -94,6 +97,7 @@ class Pipeline:
         """Load the model with the configured engine (once per process) and start its threads and preprocessing
         processes."""
         faults = Faults.parse(settings.faults)
+        incoming = Incoming()
         pool = None
         if settings.preprocess_processes:
             pool = PreprocessPool(settings, settings.preprocess_processes, prepares=prepares_in_pool(settings, faults))
@@ -101,14 +105,14 @@ class Pipeline:
         try:
             if faults is not None and faults.load_delay_s:
                 time.sleep(faults.load_delay_s)
-            engine = start_engine(settings, metrics, faults)
+            engine = start_engine(settings, metrics, faults, more_coming=incoming.__bool__)
             if pool is not None:
                 pool.wait_ready(metrics)
         except BaseException:
             if pool is not None:
                 pool.close()
             raise
-        return cls(settings, engine, s3_client, results, metrics, faults, pool)
+        return cls(settings, engine, s3_client, results, metrics, faults, pool, incoming)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -136,6 +140,18 @@ class Pipeline:
                     f"{ttl:g} s (ttl_s or VLMQ_JOB_TTL_S); it was not run. Submit it again if it is still wanted"
                 )
         started = time.perf_counter()
+        with self.incoming.job():  # the engine's batcher waits for batch-mates only while jobs are on their way
+            request = self._prepare(job)
+        fetched = time.perf_counter()
+        self.metrics.media_seconds.observe(fetched - started)
+        generated = self.engine.add(job.id, request).result()
+        done = time.perf_counter()
+        timings = Timings(queued=queued_ms, fetch=(fetched - started) * 1000, infer=(done - fetched) * 1000)
+        usage = Usage(prompt_tokens=generated.prompt_tokens, completion_tokens=generated.tokens)
+        return Outcome(text=generated.text, batch_size=generated.batch_size, timings=timings, usage=usage)
+
+    def _prepare(self, job: Job) -> Any:
+        """Fetch, decode and prepare one job's media: in the preprocessing pool, or in this thread."""
         if self.faults is not None:
             self.faults.on_job([item.uri for item in job.all_media()])
         try:
@@ -146,13 +162,7 @@ class Pipeline:
             raise
         if isinstance(request, Loaded):  # the engine prepares here (vllm: its processor runs in its front end)
             request = self.engine.prepare(request.conversation, request.images, request.videos, request.generation)
-        fetched = time.perf_counter()
-        self.metrics.media_seconds.observe(fetched - started)
-        generated = self.engine.add(job.id, request).result()
-        done = time.perf_counter()
-        timings = Timings(queued=queued_ms, fetch=(fetched - started) * 1000, infer=(done - fetched) * 1000)
-        usage = Usage(prompt_tokens=generated.prompt_tokens, completion_tokens=generated.tokens)
-        return Outcome(text=generated.text, batch_size=generated.batch_size, timings=timings, usage=usage)
+        return request
 
     def succeeded(self, job: Job, outcome: Outcome, attempts: int) -> JobResult:
         return JobResult(

@@ -61,14 +61,49 @@ class WorkerSettings(SharedSettings):
         "sdpa", description="hf engine attention: sdpa, eager, or flash_attention_2 (needs CUDA and flash-attn)"
     )
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="vllm engine: share of the GPU's memory it may take (weights, KV cache)"
+        0.9,
+        gt=0,
+        le=1,
+        description="share of the GPU's memory the engine may take: vllm, of all of it (weights, KV cache); hf, of "
+        "what is free once the weights are loaded (KV cache, prefill activations)",
     )
     max_model_len: int | None = Field(
-        None, ge=64, description="vllm engine: longest prompt plus answer, in tokens; default the model's own"
+        None,
+        ge=64,
+        description="longest prompt plus answer, in tokens (hf: the longest static cache built; longer jobs decode "
+        "with generate()); default the model's own",
     )
     max_num_seqs: int = Field(128, ge=1, le=4096, description="vllm engine: most requests running at once")
     enforce_eager: bool = Field(False, description="vllm engine: no CUDA graphs (less memory, slower decoding)")
-    max_batch_size: int = Field(8, ge=1, le=256, description="most jobs in one generate() call")
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="most jobs in one model call; default 8 on CPU, and on CUDA (hf) as many as free memory holds "
+        "for their prompt lengths, up to 256",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="hf engine on CUDA: greedy jobs decode on a static KV cache with each step a captured CUDA graph "
+        "(built at start-up); false: transformers' generate() on a dynamic cache",
+    )
+    decoder: Literal["auto", "static", "generate"] = Field(
+        "auto",
+        description="hf engine decode loop: static (the static cache, on CUDA graphs when VLMQ_CUDA_GRAPHS), generate "
+        "(transformers' generate), or auto: static on CUDA with CUDA graphs on, else generate",
+    )
+    kv_cache_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="hf static decoding: KV cache slots in tokens (rows x cache length); default from free GPU memory, "
+        "or max batch x 4096 on CPU",
+    )
+    prefill_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="hf static decoding: most prompt tokens (rows x longest prompt) in one prefill call; larger "
+        "batches prefill in parts; default from free GPU memory, unbounded on CPU",
+    )
     max_wait_ms: float = Field(50.0, ge=0, le=60_000, description="longest the oldest ready job waits for batch-mates")
     concurrency: int | None = Field(
         None, ge=1, le=1024, description="jobs in flight per worker (fetching, decoding, waiting); default 2 x batch"
@@ -184,4 +219,5 @@ class WorkerSettings(SharedSettings):
 
     @property
     def in_flight(self) -> int:
-        return self.concurrency or 2 * self.max_batch_size
+        """Jobs in flight before the engine is loaded (connection pools): the concurrency, or twice the batch."""
+        return self.concurrency or 2 * (self.max_batch_size or 8)

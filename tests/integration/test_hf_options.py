@@ -26,7 +26,7 @@ def card_model(model_dir: Path, dtype: torch.dtype, four_bit: bool) -> tuple[Any
     if not four_bit:
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
         return model, AutoProcessor.from_pretrained(model_dir)
-    from worker.engines.hf_model import _unpacked_on_cpu
+    from worker.engines.hf_load import _unpacked_on_cpu
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(

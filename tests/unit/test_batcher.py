@@ -170,3 +170,68 @@ def test_concurrent_submitters_are_served_in_batches_no_larger_than_the_maximum(
 def test_invalid_limits_are_refused_with_the_value() -> None:
     with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
         Batcher(lambda items: items, max_batch_size=0, max_wait_s=0.1)
+
+
+def test_a_batch_holds_only_as_many_items_as_fit_and_flushes_at_once_when_the_next_would_not() -> None:
+    clock = FakeClock()
+    # items are prompt lengths; a batch fits while its longest times its size stays within 1,000 (the engine's KV pool)
+    batcher: Batcher = Batcher(
+        lambda items: items, max_batch_size=8, max_wait_s=1.0, fits=lambda b: max(b) * len(b) <= 1000, clock=clock
+    )
+    for length in (100, 200, 300, 400, 100):
+        batcher.submit(length)
+    batch, _ = batcher.poll()
+    assert items_of(batch) == [100, 200, 300]  # a fourth (400 x 4) would not fit: full, no waiting
+    batch, wait = batcher.poll()
+    assert batch is None and wait == 1.0  # 400 and 100 fit together (800) and wait for more
+
+
+def test_a_lone_item_that_fits_nothing_still_runs_alone() -> None:
+    clock = FakeClock()
+    batcher: Batcher = Batcher(lambda items: items, max_batch_size=8, max_wait_s=1.0, fits=lambda b: False, clock=clock)
+    batcher.submit(5000)
+    batcher.submit(10)
+    batch, _ = batcher.poll()
+    assert items_of(batch) == [5000]
+
+
+def test_a_partial_batch_does_not_wait_when_no_more_jobs_are_on_their_way() -> None:
+    clock = FakeClock()
+    coming = [True]
+    batcher: Batcher = Batcher(
+        lambda items: items, max_batch_size=8, max_wait_s=1.0, more_coming=lambda: coming[0], clock=clock
+    )
+    batcher.submit("a")
+    batcher.submit("b")
+    assert batcher.poll() == (None, 1.0)
+    coming[0] = False
+    batch, wait = batcher.poll()
+    assert items_of(batch) == ["a", "b"] and wait is None
+
+
+def test_a_handler_may_answer_with_a_future_and_each_item_gets_its_own_outcome_when_it_resolves() -> None:
+    from concurrent.futures import Future
+
+    answers: Future = Future()
+    batcher, clock = make(max_batch_size=2, handler=lambda items: answers)
+    a, b = batcher.submit("a"), batcher.submit("b")
+    batch, _ = batcher.poll()
+    batcher.run_batch(batch)
+    assert not a.done() and not b.done()  # the batcher went on; the batch runs elsewhere
+    answers.set_result(["out-a", ValueError("b failed alone")])
+    assert a.result() == "out-a"
+    with pytest.raises(ValueError, match="b failed alone"):
+        b.result()
+
+
+def test_incoming_counts_jobs_on_their_way_only_while_they_are() -> None:
+    from worker.batcher import Incoming
+
+    incoming = Incoming()
+    assert not incoming
+    with incoming.job():
+        assert incoming
+        with pytest.raises(RuntimeError), incoming.job():
+            raise RuntimeError("the job failed while being prepared")
+        assert incoming
+    assert not incoming

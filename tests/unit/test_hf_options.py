@@ -19,7 +19,8 @@ from producer.cli import build_parser
 from producer.jobs import Generation, Job
 from producer.worker_flags import child_flags, worker_overrides
 from tests.reference import random_image
-from worker.engines.hf_model import CPU_FLOAT16_WARNING, VisionLanguageModel, resolve_dtype
+from worker.engines.hf_load import CPU_FLOAT16_WARNING, resolve_dtype
+from worker.engines.hf_model import VisionLanguageModel
 from worker.errors import ConfigError
 from worker.settings import WorkerSettings
 

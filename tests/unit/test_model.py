@@ -10,7 +10,8 @@ import torch
 from producer.jobs import Generation, Job
 from tests.reference import random_image, reference_text
 from worker.devtools.tiny import is_tiny_model
-from worker.engines.hf_model import VisionLanguageModel, resolve_device
+from worker.engines.hf_load import resolve_device
+from worker.engines.hf_model import VisionLanguageModel
 
 
 @pytest.fixture(scope="module")

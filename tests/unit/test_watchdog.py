@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from worker.engines.hf_model import device_failed
+from worker.engines.hf_load import device_failed
 from worker.watchdog import DeadlinePassed, Watchdog, call_with_deadline
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 
 from worker.devtools.faults import Faults
 from worker.engines.base import Engine, Generated
@@ -33,8 +34,14 @@ def choose_engine(settings: WorkerSettings) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def start_engine(settings: WorkerSettings, metrics: Metrics, faults: Faults | None = None) -> Engine:
-    """Load the model with the engine the settings name, and start its threads."""
+def start_engine(
+    settings: WorkerSettings,
+    metrics: Metrics,
+    faults: Faults | None = None,
+    more_coming: Callable[[], bool] = lambda: True,
+) -> Engine:
+    """Load the model with the engine the settings name, and start its threads. `more_coming`: whether jobs are on
+    their way to the engine (a micro-batcher waits for batch-mates only then)."""
     if faults is not None and faults.noop_engine is not None:  # bench/overhead.py and tests: no model at all
         from worker.engines.noop import NoopEngine
 
@@ -47,4 +54,4 @@ def start_engine(settings: WorkerSettings, metrics: Metrics, faults: Faults | No
         return VLLMEngine.start(settings, metrics, faults)
     from worker.engines.hf import HFEngine  # imports torch and transformers: only in processes that run a model
 
-    return HFEngine.start(settings, metrics, faults)
+    return HFEngine.start(settings, metrics, faults, more_coming)

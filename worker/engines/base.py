@@ -41,6 +41,9 @@ class Engine(Protocol):
     name: str
     """The model id or path, as results report it."""
 
+    max_batch_size: int
+    """Most jobs the engine runs in one model call (the worker keeps twice this many in flight by default)."""
+
     def prepare(
         self,
         conversation: list[dict[str, Any]],

@@ -12,7 +12,6 @@ returns what the model card's code returns for that job alone.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import threading
 import time
@@ -27,129 +26,31 @@ from PIL import Image
 from producer.jobs import Generation
 from worker.devtools.faults import Faults
 from worker.engines.base import Generated
-from worker.errors import ConfigError, DeviceFailed, InferenceError, OutOfMemory, VlmqError
+from worker.engines.hf_load import (
+    CPU_FLOAT16_WARNING,
+    check_load_options,
+    device_failed,
+    from_pretrained,
+    resolve_device,
+    resolve_dtype,
+)
+from worker.engines.hf_static import StaticDecoder
+from worker.errors import DeviceFailed, InferenceError, OutOfMemory, VlmqError
 
 log = logging.getLogger(__name__)
 
 # Processor outputs that are stacked along the batch (first) dimension as they are.
 _CONCAT_KEYS = ("image_sizes", "batch_num_images", "image_sizes_videos")
-# float16 on CPU runs and, on the tiny model, returned float32's text (6 of 6 image jobs, 32 tokens; 1.1x its time).
-# It is slow for prefill-sized products: on an AMD EPYC with AVX512-BF16 but no AVX512-FP16, one thread, a
-# 256x896 @ 896x4864 product took 3.8-4.9x float32's time in two runs (bfloat16: 0.3-0.75x; one-row decode products
-# were faster in float16: memory-bound).
-CPU_FLOAT16_WARNING = (
-    "--dtype float16 on CPU: it runs, but PyTorch's CPU matrix products are several times slower in float16 than "
-    "in float32 on CPUs without AVX512-FP16 (float16 is the model card's choice for GPUs). "
-    "Hint: on CPU use --dtype auto (float32) or bfloat16"
-)
 
 
-def device_failed(exc: BaseException) -> bool:
-    """Whether an error leaves the device unusable (CUDA errors are sticky: every later call fails too)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    if isinstance(exc, torch.AcceleratorError):
-        return True
-    return isinstance(exc, RuntimeError) and any(
-        marker in str(exc) for marker in ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error")
-    )
+@dataclass
+class Staged:
+    """A batch ready to `run`: the static decodes it splits into (item indices, their prefill calls' inputs) and the
+    items `generate` runs instead (sampling jobs, or prompts longer than every static shape)."""
 
-
-def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
-    """`auto` -> CUDA with bf16 when a GPU is present, else CPU with fp32 (the device and its default dtype)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} was asked for but CUDA is not available. Hint: --device cpu")
-        return torch.device(device), torch.bfloat16
-    return torch.device("cpu"), torch.float32
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` -> the device's default (bf16 on CUDA, fp32 on CPU); else the named dtype."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-
-
-def check_load_options(device: torch.device, dtype: torch.dtype, quantization: str, attn_implementation: str) -> None:
-    """Refuse settings that cannot work here before any weights are read, each with how to fix it.
-
-    Raises:
-        ConfigError: a package the settings need is missing, or the device or dtype cannot run them.
-    """
-    if quantization == "4bit":
-        missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
-        if missing:
-            raise ConfigError(
-                f"--quantization 4bit (VLMQ_QUANTIZATION=4bit) loads the weights with bitsandbytes, and "
-                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed. "
-                "Hint: pip install 'vlmq[4bit]', or run unquantized with --quantization none"
-            )
-    if attn_implementation == "flash_attention_2":
-        hint = "Hint: or use --attn-implementation sdpa (PyTorch's fused attention, the default)"
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError(
-                "--attn-implementation flash_attention_2 (VLMQ_ATTN_IMPLEMENTATION) needs the flash-attn package, "
-                "which is not installed. flash-attn has no wheel on PyPI: `pip install flash-attn "
-                f"--no-build-isolation` compiles it on a CUDA machine and needs the CUDA toolkit (nvcc). {hint}"
-            )
-        if device.type != "cuda":
-            raise ConfigError(
-                "--attn-implementation flash_attention_2 runs only on CUDA, and this worker's device is "
-                f"{device}. {hint}"
-            )
-        if dtype == torch.float32:
-            raise ConfigError(
-                "--attn-implementation flash_attention_2 runs in float16 or bfloat16 only, not float32. "
-                f"Hint: --dtype bfloat16 (or auto), {hint[6:]}"
-            )
-
-
-def _from_pretrained(
-    model_id: str, device: torch.device, dtype: torch.dtype, quantization: str, attn_implementation: str
-) -> Any:
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    if quantization != "4bit":
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            model_id, dtype=dtype, low_cpu_mem_usage=True, attn_implementation=attn_implementation
-        )
-        return model.to(device).eval()  # type: ignore[arg-type]
-    from transformers import BitsAndBytesConfig
-
-    # As the model card's 4-bit example, with NF4 and the compute dtype named. bitsandbytes places the quantized
-    # weights while loading (device_map); a quantized model must not be moved with `.to()` afterwards.
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # a device map names one device, with its index
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        model_id,
-        dtype=dtype,
-        quantization_config=config,
-        device_map={"": device},
-        attn_implementation=attn_implementation,
-    )
-    if device.type == "cpu":
-        _unpacked_on_cpu(model)
-    return model.eval()
-
-
-def _unpacked_on_cpu(model: Any) -> None:
-    """Keep bitsandbytes off its CPU repacking for layers whose input width is not a multiple of its block size.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weights at its first forward pass
-    (`_convert_weight_packed_for_cpu`), reshaping the block scales to (out, in // blocksize): for an input width
-    that is not a multiple of the block size (64) that reshape fails ("shape '[32, 0]' is invalid", seen with the
-    tiny model's 32-wide vision tower; SigLIP-so400m's fc2, 4,304 inputs, is not a multiple of 64 either). Those
-    layers take bitsandbytes' generic path (dequantize, then matmul) instead; they stay 4-bit.
-    """
-    from bitsandbytes.nn import Linear4bit
-
-    for module in model.modules():
-        if isinstance(module, Linear4bit) and module.in_features % getattr(module.weight, "blocksize", 64):
-            module.support_avx512bf16_for_cpu = False
+    items: Sequence[Prepared]
+    decodes: list[tuple[list[int], list[dict[str, torch.Tensor]]]] = field(default_factory=list)
+    rest: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -186,6 +87,7 @@ class VisionLanguageModel:
         self.name = name
         self.device = device
         self.faults: Faults | None = None  # fault injection for tests (VLMQ_FAULTS)
+        self.decoder: StaticDecoder | None = None  # greedy jobs decode here when set (worker.engines.hf_static)
         # The dtype pixel values are cast to: the model's compute dtype. A 4-bit model's quantized weights are uint8
         # (bitsandbytes packs two NF4 values per byte), so its dtype is that of its floating-point parameters.
         self.dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -194,6 +96,8 @@ class VisionLanguageModel:
         processor.tokenizer.padding_side = "left"
         tokenizer = processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id if model is not None else None
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._local = threading.local()
         self.load_seconds = 0.0
 
@@ -235,7 +139,7 @@ class VisionLanguageModel:
         threads = torch_threads or (1 if torch_device.type == "cuda" else None)
         if threads:
             torch.set_num_threads(threads)
-        model = _from_pretrained(model_id, torch_device, torch_dtype, quantization, attn_implementation)
+        model = from_pretrained(model_id, torch_device, torch_dtype, quantization, attn_implementation)
         processor = AutoProcessor.from_pretrained(model_id)
         holder = cls(model, processor, name=model_id, device=torch_device, dtype=torch_dtype)
         holder.load_seconds = time.perf_counter() - started
@@ -320,10 +224,41 @@ class VisionLanguageModel:
                 batch[key] = torch.cat([torch.as_tensor(item.inputs[key]) for item in items])
         return batch
 
-    def generate(self, items: Sequence[Prepared]) -> list[Generated]:
-        """One `model.generate` call for items with equal batch keys; returns each item's text."""
+    def stage(self, items: Sequence[Prepared]) -> Staged:
+        """Collate a batch for `run` (its static decodes' inputs already on their way to the device)."""
+        generation = items[0].generation
+        if self.decoder is None or not self.decoder.takes(generation):
+            return Staged(items, rest=list(range(len(items))))
+        plan = self.decoder.plan
+        lengths = [item.num_tokens for item in items]
+        groups, outside = plan.decode_groups(lengths, generation.max_new_tokens)
+        decodes = []
+        for group in groups:
+            calls = plan.prefill_groups([lengths[i] for i in group])
+            batches = [self.collate([items[group[j]] for j in call]) for call in calls]
+            decodes.append((group, self.decoder.stage(batches)))
+        return Staged(items, decodes, rest=outside)
+
+    def run(self, staged: Staged) -> list[Generated]:
+        """Each staged item's text: static decodes where the batch has them, `generate` for the rest."""
+        items = staged.items
         if self.faults is not None:
             self.faults.on_batch([item.num_tokens for item in items])
+        done: dict[int, Generated] = {}
+        new_tokens = items[0].generation.max_new_tokens
+        for group, prefills in staged.decodes:
+            assert self.decoder is not None
+            rows = self.decoder.decode(prefills, new_tokens)
+            lengths = [self._length(row) for row in rows]
+            texts = self.processor.batch_decode(rows, skip_special_tokens=True)
+            for i, text, n in zip(group, texts, lengths, strict=True):
+                done[i] = Generated(text.strip(), len(group), items[i].num_tokens, n, decode_slots=max(lengths))
+        if staged.rest:
+            done.update(zip(staged.rest, self.generate([items[i] for i in staged.rest]), strict=True))
+        return [done[i] for i in range(len(items))]
+
+    def generate(self, items: Sequence[Prepared]) -> list[Generated]:
+        """One `model.generate` call for items with equal batch keys; returns each item's text."""
         generation = items[0].generation
         batch = self.collate(items)
         inputs = {
@@ -339,25 +274,24 @@ class VisionLanguageModel:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        lengths = self._lengths(new_tokens)
-        steps = int(new_tokens.shape[1])
+        steps = len(new_tokens[0])
         return [
-            Generated(t.strip(), len(items), prompt_tokens=item.num_tokens, tokens=n, decode_slots=steps)
-            for t, item, n in zip(texts, items, lengths, strict=True)
+            Generated(
+                t.strip(), len(items), prompt_tokens=item.num_tokens, tokens=self._length(row), decode_slots=steps
+            )
+            for t, item, row in zip(texts, items, new_tokens, strict=True)
         ]
 
-    def _lengths(self, new_tokens: torch.Tensor) -> list[int]:
-        """Tokens each row generated: up to its first end-of-sequence token (the rest of its row is padding)."""
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = torch.tensor(eos if isinstance(eos, list) else [] if eos is None else [eos], device=new_tokens.device)
-        ended = torch.isin(new_tokens, eos_ids)
-        first_end = ended.int().argmax(dim=1) + 1
-        return torch.where(ended.any(dim=1), first_end, new_tokens.shape[1]).tolist()
+    def _length(self, new_tokens: list[int]) -> int:
+        """Tokens a row generated: up to its first end-of-sequence token (the rest of its row is padding)."""
+        return next((i + 1 for i, token in enumerate(new_tokens) if token in self.eos_ids), len(new_tokens))
 
-    def generate_safely(self, items: Sequence[Prepared]) -> list[Generated | BaseException]:
-        """`generate`, but a failure is confined to the items that cause it.
+    def generate_safely(
+        self, items: Sequence[Prepared], staged: Staged | None = None
+    ) -> list[Generated | BaseException]:
+        """`run` (of `staged`, or of `items` staged now), but a failure is confined to the items that cause it.
 
         On CUDA out-of-memory (or any other error) the batch is split in halves and each half retried, the
         pattern of accelerate's find_executable_batch_size; an item that fails alone gets its own error.
@@ -366,7 +300,7 @@ class VisionLanguageModel:
             DeviceFailed: a CUDA error other than out-of-memory; the CUDA context is unusable from then on.
         """
         try:
-            return list(self.generate(items))
+            return list(self.run(staged or self.stage(items)))
         except torch.OutOfMemoryError:
             self._free_memory()
             if len(items) == 1:

@@ -30,6 +30,7 @@ class NoopEngine:
 
     def __init__(self, holder: VisionLanguageModel, text: str) -> None:
         self.name = holder.name
+        self.max_batch_size = 8
         self.prepare = holder.prepare
         self.text = text
 

@@ -86,6 +86,7 @@ class VLLMEngine:
         from transformers import AutoProcessor
 
         self.name = settings.model
+        self.max_batch_size = settings.max_batch_size or 8  # in-flight default: twice it, as for the hf engine
         self.metrics = metrics
         self.faults = faults
         self.watchdog = Watchdog(settings.batch_timeout_s, exit_for_restart)

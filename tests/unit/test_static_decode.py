@@ -1,0 +1,122 @@
+"""Static-cache decoding (worker/engines/hf_static.py) on the tiny checkpoint in fp32 on CPU: the code a CUDA graph
+captures, run eagerly. Each job's text must equal the model card's code for that job alone, token for token, however
+the batch is split into prefill calls and decodes and whatever padding rows its shape adds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.jobs import Generation, Job
+from tests.reference import random_image, reference_text
+from worker.engines.decode_plan import DecodePlan
+from worker.engines.hf_model import Prepared, VisionLanguageModel
+from worker.engines.hf_static import StaticDecoder
+
+SIZES = [(32, 32), (640, 480), (90, 300), (1000, 150), (77, 77), (384, 384), (200, 50)]
+QUESTIONS = ["What is this?", "Describe it.", "How many?", "Where?", "Why?", "What colour is it?", "Who?"]
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_model: Path) -> VisionLanguageModel:
+    return VisionLanguageModel.load(str(tiny_model), "cpu")
+
+
+def jobs(vlm: VisionLanguageModel, new_tokens: int, count: int = 7, **sampling: float) -> list[Prepared]:
+    generation = Generation(max_new_tokens=new_tokens, **sampling)  # type: ignore[arg-type]
+    return [
+        vlm.prepare(Job(task="qa", media=["s3://m/x.png"], question=q).conversation(),
+                    [random_image(w, h, seed=i)], [], generation)
+        for i, ((w, h), q) in enumerate(zip(SIZES[:count], QUESTIONS, strict=False))
+    ]  # fmt: skip
+
+
+def alone(tiny_model: Path, count: int, new_tokens: int) -> list[str]:
+    return [
+        reference_text(tiny_model, [random_image(w, h, seed=i)], q, new_tokens)
+        for i, ((w, h), q) in enumerate(zip(SIZES[:count], QUESTIONS, strict=False))
+    ]
+
+
+def with_decoder(vlm: VisionLanguageModel, plan: DecodePlan) -> StaticDecoder:
+    vlm.decoder = StaticDecoder(vlm.model, plan, vlm.pad_token_id, graphs=True)  # graphs: CUDA only, ignored here
+    return vlm.decoder
+
+
+@pytest.mark.parametrize(
+    ("kv_tokens", "decodes"),
+    [(1024, [2, 2, 2, 1]), (2048, [4, 3])],
+    ids=["decodes-of-2", "a-decode-of-3-padded-to-4"],
+)
+def test_each_job_decodes_exactly_as_alone_however_the_batch_is_split(
+    vlm: VisionLanguageModel, tiny_model: Path, kv_tokens: int, decodes: list[int]
+) -> None:
+    plan = DecodePlan(kv_tokens=kv_tokens, prefill_tokens=300, max_rows=4, max_length=4096)
+    with_decoder(vlm, plan)
+    items = jobs(vlm, new_tokens=12)
+
+    staged = vlm.stage(items)
+    results = vlm.run(staged)
+
+    assert [len(group) for group, _ in staged.decodes] == decodes
+    assert max(len(calls) for _, calls in staged.decodes) > 1  # prefills were split (300 tokens per call)
+    assert staged.rest == []
+    assert [r.text for r in results] == alone(tiny_model, 7, 12)
+    assert sorted(r.batch_size for r in results) == sorted(n for n in decodes for _ in range(n))
+
+
+def test_a_job_longer_than_every_shape_decodes_with_generate_beside_the_others(
+    vlm: VisionLanguageModel, tiny_model: Path
+) -> None:
+    with_decoder(vlm, DecodePlan(kv_tokens=4096, prefill_tokens=4096, max_rows=4, max_length=256))
+    items = jobs(vlm, new_tokens=100, count=3)
+    longest = max(range(3), key=lambda i: items[i].num_tokens)
+    assert (
+        items[longest].num_tokens + 99
+        > 256
+        >= max(item.num_tokens + 99 for item in items if item is not items[longest])
+    )
+
+    staged = vlm.stage(items)
+    results = vlm.run(staged)
+
+    assert longest in staged.rest
+    assert [r.text for r in results] == alone(tiny_model, 3, 100)
+
+
+def test_sampling_jobs_decode_with_generate(vlm: VisionLanguageModel) -> None:
+    with_decoder(vlm, DecodePlan(kv_tokens=4096, prefill_tokens=4096, max_rows=4, max_length=4096))
+    staged = vlm.stage(jobs(vlm, new_tokens=4, count=2, temperature=0.7, top_p=0.9))
+    assert (staged.decodes, staged.rest) == ([], [0, 1])
+
+
+def test_a_row_that_ends_stops_where_generate_stops_it(tiny_model: Path) -> None:
+    vlm = VisionLanguageModel.load(str(tiny_model), "cpu")
+    items = jobs(vlm, new_tokens=16, count=3)
+    # Make the 4th token the first job generates an end-of-sequence token, for generate() and the static loop alike.
+    first = vlm.generate(items[:1])[0]
+    token = vlm.processor.tokenizer(first.text, add_special_tokens=False)["input_ids"][3]
+    vlm.model.generation_config.eos_token_id = token
+    vlm.eos_ids = {token}
+    expected = vlm.generate(items)
+    with_decoder(vlm, DecodePlan(kv_tokens=4096, prefill_tokens=4096, max_rows=4, max_length=4096))
+
+    results = vlm.run(vlm.stage(items))
+
+    assert [(r.text, r.tokens) for r in results] == [(e.text, e.tokens) for e in expected]
+    assert results[0].tokens < 16
+
+
+def test_every_shape_is_built_at_start_up_and_serving_builds_none(vlm: VisionLanguageModel) -> None:
+    plan = DecodePlan(kv_tokens=2048, prefill_tokens=4096, max_rows=4, max_length=2048)
+    built: list[int] = []
+    decoder = StaticDecoder(vlm.model, plan, vlm.pad_token_id, graphs=False, built=lambda: built.append(1))
+    decoder.build()
+    vlm.decoder = decoder
+    assert len(built) == len(plan.shapes()) == 7
+
+    for count, new_tokens in [(1, 4), (3, 30), (4, 12), (2, 400), (4, 200)]:
+        vlm.run(vlm.stage(jobs(vlm, new_tokens=new_tokens, count=count)))
+
+    assert len(built) == 7
