@@ -213,7 +213,7 @@ def test_a_handler_may_answer_with_a_future_and_each_item_gets_its_own_outcome_w
     from concurrent.futures import Future
 
     answers: Future = Future()
-    batcher, clock = make(max_batch_size=2, handler=lambda items: answers)
+    batcher, _ = make(max_batch_size=2, handler=lambda items: answers)
     a, b = batcher.submit("a"), batcher.submit("b")
     batch, _ = batcher.poll()
     batcher.run_batch(batch)
