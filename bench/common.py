@@ -6,6 +6,8 @@ import contextlib
 import io
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,19 +48,31 @@ def machine() -> str:
 
 @dataclass
 class LocalStack:
-    """A redis-server and a SeaweedFS S3 server on free ports, with the media and results buckets."""
+    """A redis-server and a SeaweedFS S3 server on free ports, with the media and results buckets; or, without S3,
+    media as local files (`file://`, the workers allow them) and results in Redis only."""
 
     env: dict[str, str]
-    s3: Any  # boto3 S3 client
+    s3: Any  # boto3 S3 client, or None
+    media_dir: Path | None = None
 
     def upload(self, key: str, body: bytes) -> str:
+        if self.media_dir is not None:
+            path = self.media_dir / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body)
+            return path.as_uri()
         self.s3.put_object(Bucket=MEDIA_BUCKET, Key=key, Body=body)
         return f"s3://{MEDIA_BUCKET}/{key}"
 
 
 @contextlib.contextmanager
-def local_stack(work: Path, **env: str) -> Iterator[LocalStack]:
-    """Start the services, export their settings to this process (the bench's Client), stop them at the end."""
+def local_stack(work: Path, with_s3: bool = True, **env: str) -> Iterator[LocalStack]:
+    """Start the services, export their settings to this process (the bench's Client), stop them at the end.
+    `with_s3=False`: Redis alone (a host without SeaweedFS): media as files, results in Redis."""
+    if not with_s3:
+        with redis_only(work, env) as stack:
+            yield stack
+        return
     redis = RedisServer(work / "redis").start()
     s3 = SeaweedS3(work / "s3").start()
     try:
@@ -78,6 +92,40 @@ def local_stack(work: Path, **env: str) -> Iterator[LocalStack]:
     finally:
         s3.stop()
         redis.stop()
+
+
+@contextlib.contextmanager
+def redis_only(work: Path, env: dict[str, str]) -> Iterator[LocalStack]:
+    redis = RedisServer(work / "redis").start()
+    try:
+        settings = {"VLMQ_BROKER_URL": redis.url, "VLMQ_ALLOW_LOCAL_FILES": "1", **env}
+        os.environ.update(settings)
+        yield LocalStack(env=settings, s3=None, media_dir=work / "media")
+    finally:
+        redis.stop()
+
+
+class SMSampler:
+    """Mean GPU utilization (`nvidia-smi`, every 250 ms) while a measurement runs; nothing without nvidia-smi."""
+
+    def __init__(self, work: Path) -> None:
+        self.log = work / "sm.csv"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> SMSampler:
+        if shutil.which("nvidia-smi"):
+            query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "250"]
+            self.proc = subprocess.Popen(query, stdout=self.log.open("wb"), stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def mean(self) -> str:
+        values = [float(v) for v in self.log.read_text().split()] if self.proc and self.log.exists() else []
+        return f"{sum(values) / len(values):.0f}%" if values else "—"
 
 
 def append_section(out: Path, section: str) -> None:

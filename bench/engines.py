@@ -78,20 +78,22 @@ class EngineWorker:
 
 
 def start_engine_worker(
-    engine: str, model_dir: Path, work: Path, env: dict[str, str], args: Sequence[str]
+    engine: str, model_dir: Path, work: Path, env: dict[str, str], args: Sequence[str], name: str | None = None
 ) -> EngineWorker:
-    """Start one worker for `engine` (hf in this interpreter, vllm in the vLLM one) and wait until it is ready."""
-    port, queue = free_port(), f"bench-{engine}"
+    """Start one worker for `engine` (hf in this interpreter, vllm in the vLLM one) and wait until it is ready.
+    `name` (default `engine`) names its log and queue: one per worker a run starts."""
+    name = name or engine
+    port, queue = free_port(), f"bench-{name}"
     extra = {**env, "VLMQ_METRICS_PORT": str(port), **(VLLM_ENV if engine == "vllm" else {})}
     python = vllm_python() if engine == "vllm" else Path(sys.executable)
     argv = ("--engine", engine, "--queue", queue, *args)
     started = time.perf_counter()
-    service = start_worker(model_dir, work, *argv, env=extra, name=f"worker-{engine}", python=python, timeout_s=600)
+    service = start_worker(model_dir, work, *argv, env=extra, name=f"worker-{name}", python=python, timeout_s=600)
     print(f"{engine} worker ready in {time.perf_counter() - started:.0f} s ({service.log_path})", flush=True)
     settings = ClientSettings(
         broker_url=env["VLMQ_BROKER_URL"],
-        s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"],
-        results_bucket=env["VLMQ_RESULTS_BUCKET"],
+        s3_endpoint_url=env.get("VLMQ_S3_ENDPOINT_URL"),
+        results_bucket=env.get("VLMQ_RESULTS_BUCKET"),
         queue=queue,
     )
     return EngineWorker(engine, service, port, Client(settings))
