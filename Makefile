@@ -1,10 +1,10 @@
-# make demo | test | lint | validate-deploy | bench | vllm-env     (each installs what is missing first)
+# make demo | test | lint | validate-deploy | bench | vllm-env | offline-bundle   (each installs what is missing first)
 PYTHON ?= python3
 # The torch build to install when none is present; override for your platform, e.g.
 #   make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint validate-deploy bench vllm-env bench-gpu
+.PHONY: install demo test lint validate-deploy bench vllm-env bench-gpu offline-bundle
 
 install:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
@@ -39,6 +39,14 @@ bench: install
 
 # On a CUDA machine where vlmq and the GPU build of vLLM are installed (pip install -e '.[worker,vllm,test]'); no
 # `install` step: that machine has no internet. At most 8 minutes; appends to BENCHMARKS.md. Without CUDA it stops at
-# once; `python bench/gpu.py --smoke` runs the same code path on a CPU.
+# once; `python bench/gpu.py --smoke` runs the same code path on a CPU. On an air-gapped host with only torch and
+# transformers: `make offline-bundle` here, then `sh BUNDLE/run-gpu.sh` there (docs/air-gapped.md).
 bench-gpu:
 	$(PYTHON) bench/gpu.py
+
+# What an air-gapped GPU host with only torch + transformers needs for bench/gpu.py --no-s3 --engines hf and
+# tests/gpu: wheels for its CPython, redis-server with its libraries, this checkout, the benchmark's clip (~55 MB).
+BUNDLE ?= build/offline-bundle
+BUNDLE_PYTHON ?= 3.12
+offline-bundle: install
+	$(PYTHON) infra/offline_bundle.py $(BUNDLE) --python $(BUNDLE_PYTHON)

@@ -63,7 +63,7 @@ class Stack:
     """Environment of one test's producer and workers: its own queue on the shared Redis and S3."""
 
     redis: RedisServer
-    s3: SeaweedS3
+    s3: SeaweedS3 | None  # None: Redis alone (tests/gpu, as on a GPU host without SeaweedFS)
     model: Path
     workdir: Path
     queue: str = field(default_factory=lambda: f"q-{uuid.uuid4().hex[:8]}")
@@ -71,16 +71,17 @@ class Stack:
 
     @property
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "VLMQ_BROKER_URL": self.redis.url,
-            "VLMQ_S3_ENDPOINT_URL": self.s3.endpoint_url,
-            "VLMQ_RESULTS_BUCKET": RESULTS_BUCKET,
             "VLMQ_QUEUE": self.queue,
             "VLMQ_INTERACTIVE_QUEUE": f"{self.queue}-interactive",
             "AWS_ACCESS_KEY_ID": "vlmq",
             "AWS_SECRET_ACCESS_KEY": "vlmq-secret",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
+        if self.s3 is None:  # media as local files, results in Redis
+            return {**env, "VLMQ_ALLOW_LOCAL_FILES": "1"}
+        return {**env, "VLMQ_S3_ENDPOINT_URL": self.s3.endpoint_url, "VLMQ_RESULTS_BUCKET": RESULTS_BUCKET}
 
     def client(self):  # -> producer.Client
         from producer import Client, ClientSettings
@@ -88,12 +89,22 @@ class Stack:
         return Client(
             ClientSettings(
                 broker_url=self.redis.url,
-                s3_endpoint_url=self.s3.endpoint_url,
-                results_bucket=RESULTS_BUCKET,
+                s3_endpoint_url=self.s3.endpoint_url if self.s3 else None,
+                results_bucket=RESULTS_BUCKET if self.s3 else None,
                 queue=self.queue,
                 interactive_queue=f"{self.queue}-interactive",
             )
         )
+
+    def put_media(self, key: str, body: bytes) -> str:
+        """Store a media object where workers read it: the media bucket, or a file without S3; its URI."""
+        if self.s3 is None:
+            path = self.workdir / "media" / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body)
+            return path.as_uri()
+        self.s3.client().put_object(Bucket=MEDIA_BUCKET, Key=key, Body=body)
+        return f"s3://{MEDIA_BUCKET}/{key}"
 
     def start_worker(
         self,

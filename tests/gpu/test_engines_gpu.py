@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from producer import Job
-from tests.conftest import MEDIA_BUCKET, Stack
+from tests.conftest import Stack
 from tests.reference import encode, random_image
 
 TOKENS = 24
@@ -69,13 +69,11 @@ def shared_prefix(a: str, b: str) -> float:
 
 def jobs_and_images(stack: Stack) -> tuple[list[Job], list[tuple[Image.Image, str]]]:
     """JOBS image jobs over 8 sizes (several anyres grids), captions and questions alternating, one budget."""
-    s3 = stack.s3.client()
     jobs, inputs = [], []
     for i in range(JOBS):
         w, h = SIZES[i % len(SIZES)]
         image = random_image(w, h, seed=200 + i)
-        s3.put_object(Bucket=MEDIA_BUCKET, Key=f"gpu/{i}.png", Body=encode(image, "PNG"))
-        uri = f"s3://{MEDIA_BUCKET}/gpu/{i}.png"
+        uri = stack.put_media(f"gpu/{i}.png", encode(image, "PNG"))
         if i % 2:
             question = QUESTIONS[i % 3]
             jobs.append(Job(task="qa", media=[uri], question=question, max_new_tokens=TOKENS))
