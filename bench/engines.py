@@ -38,6 +38,8 @@ COUNTERS = {
     "slots": "vlmq_decode_slots_total",
     "busy_s": "vlmq_model_busy_seconds_total",
     "steps": "vlmq_batch_size_count",
+    "decode_steps": "vlmq_decode_steps_total",
+    "decode_s": "vlmq_decode_seconds_total",
     "step_jobs": "vlmq_batch_size_sum",
 }
 
@@ -72,6 +74,7 @@ class EngineWorker:
     service: Service
     port: int
     client: Client
+    ready_s: float = 0.0  # from its start to Celery's "ready" (model loaded, graphs built)
 
     def stop(self) -> None:
         self.service.stop()
@@ -89,14 +92,15 @@ def start_engine_worker(
     argv = ("--engine", engine, "--queue", queue, *args)
     started = time.perf_counter()
     service = start_worker(model_dir, work, *argv, env=extra, name=f"worker-{name}", python=python, timeout_s=600)
-    print(f"{engine} worker ready in {time.perf_counter() - started:.0f} s ({service.log_path})", flush=True)
+    ready_s = time.perf_counter() - started
+    print(f"{engine} worker ready in {ready_s:.0f} s ({service.log_path})", flush=True)
     settings = ClientSettings(
         broker_url=env["VLMQ_BROKER_URL"],
         s3_endpoint_url=env.get("VLMQ_S3_ENDPOINT_URL"),
         results_bucket=env.get("VLMQ_RESULTS_BUCKET"),
         queue=queue,
     )
-    return EngineWorker(engine, service, port, Client(settings))
+    return EngineWorker(engine, service, port, Client(settings), ready_s)
 
 
 @dataclass

@@ -64,6 +64,14 @@ class Metrics:
             "start-up, so it stays flat while the worker serves",
             registry=r,
         )
+        self.decode_steps = Counter(
+            "vlmq_decode_steps", "Decode steps of the hf engine's static loop (one token for every row)", registry=r
+        )
+        self.decode_seconds = Counter(
+            "vlmq_decode_seconds",
+            "Wall time of those steps; over vlmq_decode_steps_total: the mean decode step",
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "vlmq_time_to_first_token_seconds",
             "From a request reaching the engine to its first token",
@@ -78,6 +86,10 @@ class Metrics:
         """`tokens` generated for jobs, at the cost of `slots` decoded positions (equal without padding)."""
         self.generated_tokens.inc(tokens)
         self.decode_slots.inc(slots)
+
+    def decoded(self, steps: int, seconds: float) -> None:
+        self.decode_steps.inc(steps)
+        self.decode_seconds.inc(seconds)
 
     def batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -35,4 +35,6 @@ def test_a_worker_decoding_on_the_static_cache_returns_the_model_card_text_and_b
     assert [r.status for r in results + again] == ["succeeded"] * 17
     assert [r.text for r in results] == [expected_text(stack, j, objects) for j in jobs]
     assert {r.batch_size for r in results} == {1, 2}
-    assert scrape(port)[COMPILATIONS] == built
+    after = scrape(port)
+    assert after[COMPILATIONS] == built
+    assert after[("vlmq_decode_steps_total", ())] > 0 and after[("vlmq_decode_seconds_total", ())] > 0

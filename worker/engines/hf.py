@@ -94,6 +94,7 @@ class HFEngine:
                 model.pad_token_id,
                 graphs=settings.cuda_graphs,
                 built=metrics.decode_compilations.inc,
+                stepped=metrics.decoded,
             )
             model.decoder.build()
         metrics.model_load_seconds.set(time.perf_counter() - started)
