@@ -4,7 +4,7 @@ PYTHON ?= python3
 #   make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint validate-deploy bench vllm-env bench-gpu offline-bundle
+.PHONY: install demo test test-fast lint validate-deploy bench vllm-env bench-gpu offline-bundle
 
 install:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
@@ -33,6 +33,10 @@ vllm-env:
 
 test: lint vllm-env
 	VLMQ_REQUIRE_VLLM_TESTS=1 $(PYTHON) -m pytest
+
+# The unit tests that load no model and start no service: seconds, for the edit-test loop (no install, no lint).
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow" tests/unit
 
 bench: install
 	$(PYTHON) bench/throughput.py

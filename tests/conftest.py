@@ -17,10 +17,14 @@ RESULTS_BUCKET = "vlmq-test-results"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests by directory: tests/integration -> integration, tests/gpu -> gpu (skipped without CUDA)."""
+    """Mark tests by directory: tests/integration -> integration, tests/gpu -> gpu (skipped without CUDA); and slow,
+    every test that loads a model (it asks for the tiny checkpoint) or runs real services (`make test-fast` runs the
+    others)."""
     cuda = None
     for item in items:
         parts = Path(str(item.fspath)).parts
+        if "integration" in parts or "gpu" in parts or "tiny_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
         if "integration" in parts:
             item.add_marker(pytest.mark.integration)
         if "gpu" in parts:

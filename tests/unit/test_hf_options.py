@@ -83,6 +83,7 @@ def test_4bit_computes_in_the_dtype_asked_for(tiny_model: Path) -> None:
     assert batched == alone
 
 
+@pytest.mark.slow  # imports transformers
 def test_4bit_without_bitsandbytes_is_refused_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ConfigError) as refused:
