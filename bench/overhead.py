@@ -1,10 +1,10 @@
 """What one worker process costs per job apart from the model: the real `vlmq worker` with the no-op engine.
 
-The worker (a `vlmq worker` subprocess, `VLMQ_FAULTS='{"noop_engine": ...}'`, worker/engines/noop.py) does all its
-per-job work for real: takes the message from Redis, reads the image from SeaweedFS (S3), decodes it with Pillow,
-runs the checkpoint's processor (chat template, tokenizer, image processor), then writes the result to S3 and Redis
-and acknowledges; only the model is skipped (a fixed text at once). The processor is the 0.5B model's (384 px
-crops, anyres_max_9 over the hub's 36 grids; `--processor tiny`: the tiny test model's 32 px crops), written here
+The worker (a `vlmq worker` subprocess, `VLMQ_FAULTS='{"noop_engine": ...}'`, worker/devtools/noop_engine.py) does
+all its per-job work for real: takes the message from Redis, reads the image from SeaweedFS (S3), decodes it with
+Pillow, runs the checkpoint's processor (chat template, tokenizer, image processor), then writes the result to S3
+and Redis and acknowledges; only the model is skipped (a fixed text at once). The processor is the 0.5B model's (384
+px crops, anyres_max_9 over the hub's 36 grids; `--processor tiny`: the tiny test model's 32 px crops), written here
 without weights.
 
 Two workloads, one after the other on the same warm worker: `jpeg` (640x480 JPEGs, smooth synthetic photos) and

@@ -110,6 +110,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import run_worker
+    from worker.devtools.faults import hooks_for
     from worker.errors import ConfigError
     from worker.settings import WorkerSettings
 
@@ -129,7 +130,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             return EXIT_NO_RESULT
         return Supervisor(gpus, child_flags(overrides), metrics_port=settings.metrics_port).run()
     try:
-        run_worker(settings)
+        run_worker(settings, hooks_for(settings.faults))
     except ConfigError as exc:  # the settings cannot work here: the message says how to fix them; no traceback
         print(f"vlmq worker: cannot start: {exc}", file=sys.stderr)
         return EXIT_NO_RESULT

@@ -22,6 +22,7 @@ from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the runtime imports stay inside run_worker: `create_app` alone must not load torch
     from worker.health import Health
+    from worker.hooks import Hooks
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
     from worker.recovery import Recovery
@@ -76,9 +77,11 @@ class Clients:
         return cls(celery, ledger, s3, results, ResultReader(celery, results), Publisher(celery, ledger))
 
 
-def run_worker(settings: WorkerSettings) -> None:
-    """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
+def run_worker(settings: WorkerSettings, hooks: Hooks | None = None) -> None:
+    """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown). `hooks`: what acts at the
+    runtime's seams (worker/hooks.py; `vlmq worker` passes fault injection's when VLMQ_FAULTS is set)."""
     from worker import allocator
+    from worker.hooks import Hooks
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
     from worker.watchdog import EXIT_RESTART
@@ -91,7 +94,7 @@ def run_worker(settings: WorkerSettings) -> None:
     metrics = Metrics()
     health = _serve_health(settings, metrics)
     clients = Clients.connect(settings)
-    pipeline = Pipeline.start(settings, clients.s3, clients.results, metrics)
+    pipeline = Pipeline.start(settings, clients.s3, clients.results, metrics, hooks or Hooks())
     health.batch_age = pipeline.engine.busy_for
     health.probe = pipeline.engine.probe
     recovery = _wire(settings, clients, pipeline, health)
@@ -143,7 +146,7 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
         refusal_recorder(pipeline, ledger, finisher),
         max_bytes=settings.max_message_bytes,
         max_crashes=settings.max_crashes,
-        faults=pipeline.faults,
+        hooks=pipeline.hooks,
         deadlines=deadlines,
         progressed=health.progressed,
     )

@@ -26,9 +26,9 @@ from kombu.utils.json import loads as _kombu_loads
 
 from producer.ledger import Ledger
 from worker import gate
-from worker.devtools.faults import Faults
 from worker.errors import InvalidJob, WorkerLost
 from worker.gate import Admitted, Deadlines, Refused
+from worker.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Intake:
         *,
         max_bytes: int,
         max_crashes: int,
-        faults: Faults | None = None,
+        hooks: Hooks | None = None,
         deadlines: Deadlines | None = None,
         progressed: Callable[[], None] = lambda: None,
     ) -> None:
@@ -54,7 +54,7 @@ class Intake:
         self.record = record  # stores a refusal: a failed result under its id, or a dead letter
         self.max_bytes = max_bytes
         self.max_crashes = max_crashes
-        self.faults = faults
+        self.hooks = hooks or Hooks()
         self.deadlines = deadlines or Deadlines()
         self.progressed = progressed  # a message ended here: the consumer is moving (liveness)
         self.busy_since: float | None = None  # monotonic time the message being read arrived (liveness)
@@ -69,8 +69,7 @@ class Intake:
             if isinstance(verdict, Refused):
                 self.refuse(message, verdict)
                 return
-            if self.faults is not None:
-                self.faults.on_message(message.body if isinstance(message.body, bytes) else b"")
+            self.hooks.message(message.body if isinstance(message.body, bytes) else b"")
             if "submitted_at" not in verdict.job:
                 verdict.stamp(self.ledger.first_seen(verdict.task_id, datetime.now(UTC)).isoformat())
             if verdict.expires is not None:

@@ -21,23 +21,15 @@ from pydantic import ValidationError
 from producer.jobs import Job, JobResult, Timings, Usage, describe_invalid
 from producer.results import ResultStore
 from worker.batcher import Incoming
-from worker.devtools.faults import Faults
-from worker.engines import Engine, start_engine
+from worker.engines import Engine, preparation, start_engine
 from worker.errors import DecodeHung, Expired, InvalidJob, VlmqError
+from worker.hooks import Hooks
 from worker.metrics import Metrics
 from worker.pool import PreprocessPool
-from worker.preprocess import Loaded, Preprocessor
+from worker.preprocess import Preprocessor
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-
-def prepares_in_pool(settings: WorkerSettings, faults: Faults | None) -> bool:
-    """Whether the engine's `prepare` can run in a preprocessing process: the hf and no-op engines' can (the
-    checkpoint's processor); vllm's processor runs inside vLLM, so its pool only fetches and decodes."""
-    from worker.engines import choose_engine
-
-    return (faults is not None and faults.noop_engine is not None) or choose_engine(settings) == "hf"
 
 
 def parse_job(payload: Any, task_id: str | None = None) -> Job:
@@ -77,15 +69,15 @@ class Pipeline:
         s3_client: Any,
         results: ResultStore,
         metrics: Metrics | None = None,
-        faults: Faults | None = None,
+        hooks: Hooks | None = None,
         pool: PreprocessPool | None = None,
         incoming: Incoming | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics or Metrics()
-        self.faults = faults
-        self.preprocess = Preprocessor(settings, s3_client, engine.prepare, faults)
+        self.hooks = hooks or Hooks()
+        self.preprocess = Preprocessor(settings, s3_client, engine.prepare, self.hooks)
         self.pool = pool
         self.results = results
         self.incoming = incoming or Incoming()
@@ -93,26 +85,26 @@ class Pipeline:
         self.restart_requested = False
 
     @classmethod
-    def start(cls, settings: WorkerSettings, s3_client: Any, results: ResultStore, metrics: Metrics) -> Pipeline:
+    def start(
+        cls, settings: WorkerSettings, s3_client: Any, results: ResultStore, metrics: Metrics, hooks: Hooks
+    ) -> Pipeline:
         """Load the model with the configured engine (once per process) and start its threads and preprocessing
         processes."""
-        faults = Faults.parse(settings.faults)
         incoming = Incoming()
         pool = None
         if settings.preprocess_processes:
-            pool = PreprocessPool(settings, settings.preprocess_processes, prepares=prepares_in_pool(settings, faults))
+            pool = PreprocessPool(settings, settings.preprocess_processes, preparation(settings, hooks), hooks)
             pool.start()  # they load their processors while the engine loads the model
         try:
-            if faults is not None and faults.load_delay_s:
-                time.sleep(faults.load_delay_s)
-            engine = start_engine(settings, metrics, faults, more_coming=incoming.__bool__)
+            hooks.loading()
+            engine = start_engine(settings, metrics, hooks, more_coming=incoming.__bool__)
             if pool is not None:
                 pool.wait_ready(metrics)
         except BaseException:
             if pool is not None:
                 pool.close()
             raise
-        return cls(settings, engine, s3_client, results, metrics, faults, pool, incoming)
+        return cls(settings, engine, s3_client, results, metrics, hooks, pool, incoming)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -152,16 +144,13 @@ class Pipeline:
 
     def _prepare(self, job: Job) -> Any:
         """Fetch, decode and prepare one job's media: in the preprocessing pool, or in this thread."""
-        if self.faults is not None:
-            self.faults.on_job([item.uri for item in job.all_media()])
+        self.hooks.job([item.uri for item in job.all_media()])
         try:
             request = self.pool.submit(job).result() if self.pool is not None else self.preprocess(job)
         except DecodeHung:
             if self.pool is None:  # the hung decoder holds a thread of this process; in the pool, its own process
                 self.restart_when_idle("a video decoder hung")
             raise
-        if isinstance(request, Loaded):  # the engine prepares here (vllm: its processor runs in its front end)
-            request = self.engine.prepare(request.conversation, request.images, request.videos, request.generation)
         return request
 
     def succeeded(self, job: Job, outcome: Outcome, attempts: int) -> JobResult:

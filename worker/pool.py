@@ -14,15 +14,30 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from producer.jobs import Job, JobResult
+from worker.engines.base import Preparation
 from worker.errors import ConfigError, WorkerLost
+from worker.hooks import Hooks
 from worker.metrics import Metrics
-from worker.preprocess import JOBS_PER_PROCESS, restored, serve
+from worker.preprocess import (
+    JOBS_PER_PROCESS,
+    Done,
+    Message,
+    PrepareTask,
+    Ready,
+    RecordTask,
+    Retire,
+    StartFailed,
+    Task,
+    restored,
+    serve,
+)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -38,12 +53,14 @@ class PoolClosed(WorkerLost):
 
 @dataclass
 class _Task:
-    key: int
+    task: Task
     future: Future[Any]
-    kind: str  # "prepare" (a Job's JSON) or "record" (`Finisher.record`'s arguments, the result as JSON)
-    payload: Any
     job_id: str
     crashes: int = 0  # processes that died holding it; once one has, it runs alone
+
+    @property
+    def key(self) -> int:
+        return self.task.key
 
 
 @dataclass
@@ -60,10 +77,11 @@ class _Process:
 class PreprocessPool:
     """`workers` processes running `Preprocessor` for the engine process (see the module's docstring)."""
 
-    def __init__(self, settings: WorkerSettings, workers: int, prepares: bool) -> None:
+    def __init__(self, settings: WorkerSettings, workers: int, preparation: Preparation, hooks: Hooks) -> None:
         self.settings = settings
         self.workers = workers
-        self.prepares = prepares  # False: the processes decode only (the engine prepares)
+        self.preparation = preparation  # what each process builds to prepare the engine's requests
+        self.hooks = hooks
         self.metrics = Metrics()  # replaced by the worker's in `wait_ready`
         self._context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA and threads
         self._procs: list[_Process] = []
@@ -99,20 +117,20 @@ class PreprocessPool:
         log.info("preprocessing in %d processes (--preprocess-workers)", self.workers)
 
     def submit(self, job: Job) -> Future[Any]:
-        """Queue `job`; the future holds the engine's request (or `Loaded`), or the job's `VlmqError`."""
-        return self._queue("prepare", job.model_dump_json(), job.id)  # JSON: pickling the model costs more
+        """Queue `job`; the future holds the engine's request, or the job's `VlmqError`."""
+        return self._queue(lambda key: PrepareTask(key, job.model_dump_json()), job.id)
 
     def record(self, result: JobResult, job: Any, dead: bool) -> Future[Any]:
         """Record a job's end in a pool process (`Finisher.record`: S3, ledger, dead letters, batch count); the
         future holds None, or the `ResultWriteFailed` of an S3 write that failed before anything else was recorded."""
-        return self._queue("record", (result.model_dump_json(), job, dead), result.id)
+        return self._queue(lambda key: RecordTask(key, result.model_dump_json(), job, dead), result.id)
 
-    def _queue(self, kind: str, payload: Any, job_id: str) -> Future[Any]:
+    def _queue(self, task: Callable[[int], Task], job_id: str) -> Future[Any]:
         future: Future[Any] = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the preprocessing pool is closed")
-            self._pending.append(_Task(next(self._keys), future, kind, payload, job_id))
+            self._pending.append(_Task(task(next(self._keys)), future, job_id))
             self._dispatch()
         return future
 
@@ -134,7 +152,10 @@ class PreprocessPool:
     def _spawn(self) -> _Process:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
-            target=serve, args=(theirs, self.settings, self.prepares), name="vlmq-preprocess", daemon=True
+            target=serve,
+            args=(theirs, self.settings, self.preparation, self.hooks),
+            name="vlmq-preprocess",
+            daemon=True,
         )
         process.start()
         theirs.close()
@@ -158,7 +179,7 @@ class PreprocessPool:
             proc.alone = task.crashes > 0
             try:
                 with proc.send_lock:
-                    proc.conn.send((task.key, task.kind, task.payload))
+                    proc.conn.send(task.task)
             except OSError:  # it died: the collector sees its sentinel and handles what it held
                 return
 
@@ -199,25 +220,23 @@ class PreprocessPool:
             self._dispatch()
         return True
 
-    def _on_message(self, proc: _Process, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "ready":
+    def _on_message(self, proc: _Process, message: Message) -> None:
+        if isinstance(message, Ready):
             proc.ready = True
-        elif kind == "failed to start":  # it exits; a replacement is started when its sentinel fires
+        elif isinstance(message, StartFailed):  # it exits; a replacement is started when its sentinel fires
             if not self._started:
-                raise ConfigError(f"a preprocessing process could not start: {message[1]}")
-            log.error("a preprocessing process could not start: %s", message[1])
-        elif kind == "retire":  # its decoder hung: it takes no more jobs and is replaced once it holds none
+                raise ConfigError(f"a preprocessing process could not start: {message.reason}")
+            log.error("a preprocessing process could not start: %s", message.reason)
+        elif isinstance(message, Retire):  # its decoder hung: it takes no more jobs and is replaced once it holds none
             proc.retiring = True
             self._procs.append(self._spawn())
-        else:
-            _, key, outcome = message
-            future = proc.held.pop(key).future
+        elif isinstance(message, Done):
+            future = proc.held.pop(message.key).future
             proc.alone = False
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
+            if isinstance(message.outcome, BaseException):
+                future.set_exception(message.outcome)
             else:
-                future.set_result(restored(outcome))
+                future.set_result(restored(message.outcome))
         if proc.retiring and not proc.held:
             proc.process.kill()
 

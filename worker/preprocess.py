@@ -25,23 +25,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
-from producer.jobs import Generation, Job, JobResult
+from producer.jobs import Job, JobResult
 from producer.ledger import Ledger
 from producer.results import ResultStore
 from worker import media
-from worker.devtools.faults import Faults
-from worker.engines.hf_model import Prepared
+from worker.engines.base import Decoded, Preparation, Prepare, Shareable
 from worker.errors import DecodeHung, ResultWriteFailed, VlmqError
+from worker.hooks import Hooks
 from worker.lifecycle import Finisher
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
@@ -50,48 +45,82 @@ log = logging.getLogger(__name__)
 
 # Tasks one process holds at once: S3 reads and result writes wait on the network while another runs the processor.
 JOBS_PER_PROCESS = 4
-SHARED_MIN_BYTES = 64 * 1024
-Prepare = Callable[[list[dict[str, Any]], list[Image.Image], list[np.ndarray], Generation], Any]
 
 
-@dataclass
-class Loaded:
-    """A job's decoded media, for an engine whose `prepare` runs in the engine process (vllm: its own processor)."""
+# -- what crosses the pipe between the pool (worker/pool.py) and a process ---------------------------------------------
+@dataclass(frozen=True)
+class PrepareTask:
+    """Prepare a job (its JSON: cheaper to send than the pickled model)."""
 
-    conversation: list[dict[str, Any]]
-    images: list[Image.Image]
-    videos: list[Any]  # frames: numpy arrays, torch tensors while they cross processes (`shareable`)
-    generation: Generation
+    key: int
+    job: str
+
+
+@dataclass(frozen=True)
+class RecordTask:
+    """Record a job's end (`Finisher.record`'s arguments; the result as JSON)."""
+
+    key: int
+    result: str
+    job: Any
+    dead: bool
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The process has built its preparation and takes tasks."""
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """The process could not start (its preparation could not be built); it exits."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """A task's outcome: the engine's request, None (recorded), or the job's `VlmqError`."""
+
+    key: int
+    outcome: Any
+
+
+@dataclass(frozen=True)
+class Retire:
+    """A decoder hung in this process: it takes no more tasks and is replaced."""
+
+
+Task = PrepareTask | RecordTask
+Message = Ready | StartFailed | Done | Retire
 
 
 class Preprocessor:
     """Fetch, decode and prepare one job: what a task thread does in-process, or a pool process does for it."""
 
-    def __init__(self, settings: WorkerSettings, s3_client: Any, prepare: Prepare | None, faults: Faults | None):
+    def __init__(self, settings: WorkerSettings, s3_client: Any, prepare: Prepare | None, hooks: Hooks):
         self.fetcher = media.MediaFetcher(settings, s3_client)
-        self.prepare = prepare  # None: return the decoded media (`Loaded`)
-        self.faults = faults
+        self.prepare = prepare  # None: the request is the decoded media (`Decoded`)
+        self.hooks = hooks
 
     def __call__(self, job: Job) -> Any:
-        """The engine's request for `job` (or its `Loaded` media); raises the job's `VlmqError`."""
+        """The engine's request for `job`; raises the job's `VlmqError`."""
         items = job.all_media()
-        if self.faults is not None:
-            self.faults.on_prepare([item.uri for item in items])
+        self.hooks.preparing([item.uri for item in items])
         media.check_media_count(len(items), self.fetcher.settings)
         images, videos = [], []
-        before_decode = self.faults.on_decode if self.faults is not None else None
         for item in items:
-            decoded = media.load(self.fetcher, item, job.video, before_decode)
+            decoded = media.load(self.fetcher, item, job.video, self.hooks.decoding)
             if isinstance(decoded, media.Video):
                 videos.append(decoded.frames)
             else:
                 images.append(decoded)
         if self.prepare is None:
-            return Loaded(job.conversation(), images, videos, job.generation)
+            return Decoded(job.conversation(), images, videos, job.generation)
         return self.prepare(job.conversation(), images, videos, job.generation)
 
 
-def serve(conn: Connection, settings: WorkerSettings, prepares: bool) -> None:
+def serve(conn: Connection, settings: WorkerSettings, preparation: Preparation, hooks: Hooks) -> None:
     """A preprocessing process: prepare the jobs and record the results the pool sends, JOBS_PER_PROCESS at a time,
     until the pipe closes."""
     import torch.multiprocessing  # registers the reductions that send tensors through shared memory
@@ -100,56 +129,55 @@ def serve(conn: Connection, settings: WorkerSettings, prepares: bool) -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # the pool gives the parallelism; an intra-op pool per process would oversubscribe
     try:
-        preprocessor, finisher = _preprocessor(settings, prepares)
+        preprocessor, finisher = _preprocessor(settings, preparation, hooks)
     except Exception as exc:  # told to the engine process, which refuses to start
-        conn.send(("failed to start", f"{type(exc).__name__}: {exc}"))
+        conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
         return
     send_lock = threading.Lock()
 
-    def send(key: int, outcome: Any) -> None:
+    def send(message: Message) -> None:
         with send_lock:
             try:
-                conn.send(("done", key, outcome))
+                conn.send(message)
             except (EOFError, OSError):  # the engine process is gone
                 os._exit(0)
             except Exception as exc:  # it did not pickle: still one coded error for the job
-                conn.send(("done", key, VlmqError(f"unexpected: its prepared inputs could not be sent ({exc})")))
+                assert isinstance(message, Done)
+                error = VlmqError(f"unexpected: its prepared inputs could not be sent ({exc})")
+                conn.send(Done(message.key, error))
 
-    def run(key: int, kind: str, payload: Any) -> None:
+    def run(task: Task) -> None:
         try:
-            if kind == "record":
-                result, job, dead = payload
-                send(key, _record(finisher, JobResult.model_validate_json(result), job, dead))
+            if isinstance(task, RecordTask):
+                send(Done(task.key, _record(finisher, JobResult.model_validate_json(task.result), task.job, task.dead)))
             else:
-                send(key, shareable(preprocessor(Job.model_validate_json(payload))))
+                send(Done(task.key, shared(preprocessor(Job.model_validate_json(task.job)))))
         except DecodeHung as exc:
-            send(key, exc)
-            with send_lock:
-                conn.send(("retire",))
+            send(Done(task.key, exc))
+            send(Retire())
         except VlmqError as exc:
-            send(key, exc)
+            send(Done(task.key, exc))
         except Exception as exc:  # a bug, still one coded error for this job
-            log.exception("unexpected error in a %s task", kind)
-            send(key, VlmqError(f"unexpected {type(exc).__name__} in its {kind} task: {exc}. This is a vlmq bug"))
+            kind = type(task).__name__
+            log.exception("unexpected error in a %s", kind)
+            send(Done(task.key, VlmqError(f"unexpected {type(exc).__name__} in its {kind}: {exc}. This is a vlmq bug")))
 
-    conn.send(("ready",))
+    send(Ready())
     with ThreadPoolExecutor(JOBS_PER_PROCESS, thread_name_prefix="vlmq-prepare") as threads:
         while True:
             try:
-                key, kind, payload = conn.recv()
+                task = conn.recv()
             except (EOFError, OSError):  # the engine process is gone
                 os._exit(0)
-            threads.submit(run, key, kind, payload)
+            threads.submit(run, task)
 
 
-def _preprocessor(settings: WorkerSettings, prepares: bool) -> tuple[Preprocessor, Finisher]:
+def _preprocessor(settings: WorkerSettings, preparation: Preparation, hooks: Hooks) -> tuple[Preprocessor, Finisher]:
     from producer.storage import make_s3_client
-    from worker.engines.hf_model import VisionLanguageModel
 
-    prepare = VisionLanguageModel.processor_only(settings.model).prepare if prepares else None
     s3 = make_s3_client(settings, max_connections=JOBS_PER_PROCESS + 2)
     finisher = Finisher(ResultStore(s3, settings), Ledger(settings), Metrics(), settings.webhook_secret)
-    return Preprocessor(settings, s3, prepare, Faults.parse(settings.faults)), finisher
+    return Preprocessor(settings, s3, preparation.build(), hooks), finisher
 
 
 def _record(finisher: Finisher, result: JobResult, job: Any, dead: bool) -> ResultWriteFailed | None:
@@ -163,21 +191,12 @@ def _record(finisher: Finisher, result: JobResult, job: Any, dead: bool) -> Resu
     return None
 
 
-def shareable(outcome: Any) -> Any:
-    """Large arrays as tensors, which cross to the engine process in shared memory (one file descriptor passed per
-    tensor); small tensors (token ids, masks, sizes) as numpy arrays, pickled inline: cheaper than a descriptor."""
-    if isinstance(outcome, Loaded):
-        outcome.videos = [torch.from_numpy(np.ascontiguousarray(v)) for v in outcome.videos]
-    elif isinstance(outcome, Prepared):
-        inputs: dict[str, Any] = dict(outcome.inputs)
-        outcome.inputs = {k: v.numpy() if v.nbytes < SHARED_MIN_BYTES else v for k, v in inputs.items()}
-    return outcome
+def shared(request: Any) -> Any:
+    """A request ready to cross to the engine's process: its large tensors in shared memory when it is `Shareable`
+    (`Decoded`, the hf engine's `Prepared`), the rest pickled."""
+    return request.shared() if isinstance(request, Shareable) else request
 
 
-def restored(outcome: Any) -> Any:
-    """`shareable` undone in the engine process (no copies: `numpy` and `from_numpy` share the memory)."""
-    if isinstance(outcome, Loaded):
-        outcome.videos = [v.numpy() for v in outcome.videos]
-    elif isinstance(outcome, Prepared):
-        outcome.inputs = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in outcome.inputs.items()}
-    return outcome
+def restored(request: Any) -> Any:
+    """`shared` undone in the engine's process."""
+    return request.restored() if isinstance(request, Shareable) else request

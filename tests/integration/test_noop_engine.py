@@ -1,4 +1,4 @@
-"""The no-op engine (worker/engines/noop.py), the seam bench/overhead.py measures the worker through."""
+"""The no-op engine (worker/devtools/noop_engine.py), the seam bench/overhead.py measures the worker through."""
 
 from __future__ import annotations
 

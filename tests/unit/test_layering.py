@@ -20,15 +20,15 @@ API_FRAMEWORK = ("fastapi", "starlette", "uvicorn", "multipart")  # the `api` ex
 # are a test failure: place each new module in a layer.
 LAYERS: list[set[str]] = [
     {"worker.settings", "worker.errors", "worker.metrics", "worker.watchdog", "worker.isolation", "worker.batcher"},
-    {"worker.devtools.faults", "worker.allocator"},
+    {"worker.hooks", "worker.allocator"},
     {"worker.media", "worker.engines", "worker.gate", "worker.health", "worker.lifecycle"},
     {"worker.preprocess"},
     {"worker.pool"},
     {"worker.pipeline", "worker.recovery", "worker.consumer"},
     {"worker.tasks"},
     {"worker.app", "worker.supervisor"},
-    {"worker.devtools.tiny", "worker.devtools.local_services"},
-    {"worker.devtools.demo", "producer.cli"},
+    {"worker.devtools.tiny", "worker.devtools.local_services", "worker.devtools.noop_engine"},
+    {"worker.devtools.demo", "worker.devtools.faults", "producer.cli"},
 ]
 
 
@@ -123,6 +123,12 @@ def test_worker_modules_import_only_downward() -> None:
             if target_level > level or (target_level == level and target_unit != unit):
                 upward.append(f"{name} (layer {level}) imports {target} (layer {target_level})")
     assert upward == []
+
+
+def test_no_runtime_module_imports_the_devtools() -> None:
+    """Fault injection and the no-op engine act through worker.hooks, installed by `vlmq worker` from outside."""
+    runtime = {n: p for n, p in project_modules("worker").items() if not n.startswith("worker.devtools")}
+    assert sorted(f"{n} imports {i}" for n, p in runtime.items() for i in imports_of(p) if "devtools" in i) == []
 
 
 @pytest.mark.parametrize("package", ["worker.media", "worker.engines"])

@@ -1,10 +1,11 @@
 """Engines run the model behind one small interface (`worker.engines.base.Engine`); one module per engine.
 
-- `hf`: transformers' `generate` on dynamic micro-batches, the model card's code path (the reference).
+- `hf`: transformers on dynamic micro-batches, the model card's code path (the reference); on CUDA, greedy jobs
+  decode on captured CUDA graphs.
 - `vllm`: vLLM's continuous batching (`pip install 'vlmq[vllm]'`), same prompts, frames and decoding.
 
-`VLMQ_ENGINE=auto` picks vllm when it is installed and CUDA is present, else hf. A third, `noop` (the real
-processor, no model), is a bench and test seam chosen only through `VLMQ_FAULTS` (worker/engines/noop.py).
+`VLMQ_ENGINE=auto` picks vllm when it is installed and CUDA is present, else hf. A hook may put another engine in
+their place (`Hooks.engine`: vlmq's tests and bench/overhead.py run a no-op engine that way).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import importlib.util
 import logging
 from collections.abc import Callable
 
-from worker.devtools.faults import Faults
-from worker.engines.base import Engine, Generated
+from worker.engines.base import Engine, EngineClass, Generated, Preparation
+from worker.hooks import Hooks
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 
-__all__ = ["Engine", "Generated", "choose_engine", "start_engine"]
+__all__ = ["Engine", "Generated", "choose_engine", "engine_class", "start_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +35,33 @@ def choose_engine(settings: WorkerSettings) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
+def engine_class(settings: WorkerSettings, hooks: Hooks) -> EngineClass:
+    """The class of the engine this worker runs (imported only here: vllm, torch and transformers load with it)."""
+    replaced = hooks.engine()
+    if replaced is not None:
+        return replaced
+    if choose_engine(settings) == "vllm":
+        from worker.engines.vllm import VLLMEngine
+
+        return VLLMEngine
+    from worker.engines.hf import HFEngine
+
+    return HFEngine
+
+
+def preparation(settings: WorkerSettings, hooks: Hooks) -> Preparation:
+    """What this worker's preprocessing processes need to prepare its engine's requests."""
+    return engine_class(settings, hooks).preparation(settings)
+
+
 def start_engine(
     settings: WorkerSettings,
     metrics: Metrics,
-    faults: Faults | None = None,
+    hooks: Hooks,
     more_coming: Callable[[], bool] = lambda: True,
 ) -> Engine:
     """Load the model with the engine the settings name, and start its threads. `more_coming`: whether jobs are on
     their way to the engine (a micro-batcher waits for batch-mates only then)."""
-    if faults is not None and faults.noop_engine is not None:  # bench/overhead.py and tests: no model at all
-        from worker.engines.noop import NoopEngine
-
-        return NoopEngine.start(settings, metrics, faults.noop_engine)
-    name = choose_engine(settings)
-    log.info("engine: %s%s", name, " (VLMQ_ENGINE=auto)" if settings.engine == "auto" else "")
-    if name == "vllm":
-        from worker.engines.vllm import VLLMEngine  # imports vLLM: only where it is installed and asked for
-
-        return VLLMEngine.start(settings, metrics, faults)
-    from worker.engines.hf import HFEngine  # imports torch and transformers: only in processes that run a model
-
-    return HFEngine.start(settings, metrics, faults, more_coming)
+    cls = engine_class(settings, hooks)
+    log.info("engine: %s%s", choose_engine(settings), " (VLMQ_ENGINE=auto)" if settings.engine == "auto" else "")
+    return cls.start(settings, metrics, hooks, more_coming)

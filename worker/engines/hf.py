@@ -1,7 +1,8 @@
 """The transformers engine: the model card's own code path, on dynamic micro-batches.
 
-Preprocessing (chat template, tokenizer, image/video processor) happens before `add`; the batcher stacks jobs with
-equal batch keys, as many as the device's memory holds for their prompt lengths. Two threads share the batch work:
+Preprocessing (chat template, tokenizer, image/video processor) happens before `add`, in the preprocessing
+processes (`ProcessorPreparation`); the batcher stacks jobs with equal batch keys, as many as the device's memory
+holds for their prompt lengths. Two threads share the batch work:
 the batcher's thread forms a batch and stages it (collates it; on CUDA, copies its inputs to the device on a side
 stream) while the runner thread runs the previous one, so the next batch's inputs travel while the current one
 decodes. Greedy batches decode on a static cache, each step a CUDA graph captured at start-up
@@ -19,12 +20,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from worker.batcher import Batcher
-from worker.devtools.faults import Faults
-from worker.engines.base import Generated
+from worker.engines.base import Generated, Prepare
 from worker.engines.decode_plan import DecodePlan, KVShape, memory_plan
-from worker.engines.hf_model import Prepared, Staged, VisionLanguageModel
+from worker.engines.hf_model import Prepared, ProcessorPreparation, Staged, VisionLanguageModel
 from worker.engines.hf_static import StaticDecoder
 from worker.errors import DeviceFailed
+from worker.hooks import Hooks
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 from worker.watchdog import Watchdog, exit_for_restart
@@ -50,7 +51,7 @@ class HFEngine:
     ) -> None:
         self.model = model
         self.name = model.name
-        self.prepare = model.prepare
+        self.prepare: Prepare | None = model.prepare
         self.metrics = metrics
         self.plan = plan
         self.max_batch_size = plan.max_rows if plan is not None else settings.max_batch_size or CPU_MAX_BATCH
@@ -67,11 +68,15 @@ class HFEngine:
         self._runner = threading.Thread(target=self._serve_runs, name="vlmq-runner", daemon=True)
 
     @classmethod
+    def preparation(cls, settings: WorkerSettings) -> ProcessorPreparation:
+        return ProcessorPreparation(settings.model)
+
+    @classmethod
     def start(
         cls,
         settings: WorkerSettings,
         metrics: Metrics,
-        faults: Faults | None = None,
+        hooks: Hooks,
         more_coming: Callable[[], bool] = lambda: True,
     ) -> HFEngine:
         """Load the model (once per process), size its batches, build its decode graphs, then start its threads."""
@@ -84,7 +89,7 @@ class HFEngine:
             quantization=settings.quantization,
             attn_implementation=settings.attn_implementation,
         )
-        model.faults = faults
+        model.hooks = hooks
         static = static_decoding(model, settings)
         plan = batch_plan(model, settings, static)
         if plan is not None and static:

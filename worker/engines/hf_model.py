@@ -3,10 +3,11 @@
 Loading follows the model card (`LlavaOnevisionForConditionalGeneration` + `AutoProcessor`), so a Hugging Face id,
 a local checkpoint, the HF cache and `HF_HUB_OFFLINE=1` all work as they do there.
 
-`prepare` runs in the task threads (chat template, tokenizer, image/video processor, one job at a time), and
-`generate` in the batcher thread: it only stacks the prepared tensors and calls `model.generate` once. Stacking
-pads exactly as the processor does for a batch (ids on the left, image crops with zeros), so a batched job
-returns what the model card's code returns for that job alone.
+`prepare` (chat template, tokenizer, image/video processor, one job at a time) runs in the preprocessing processes,
+each with the checkpoint's processor alone (`ProcessorPreparation`), or in the task threads with
+`--preprocess-workers 0`. `stage` and `run` take a batch of prepared jobs: they only stack the tensors (padded
+exactly as the processor pads a batch: ids on the left, image crops with zeros) and run the static decode loop or
+`model.generate`, so a batched job returns what the model card's code returns for that job alone.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import torch
 from PIL import Image
 
 from producer.jobs import Generation
-from worker.devtools.faults import Faults
-from worker.engines.base import Generated
+from worker.engines.base import Generated, Prepare
 from worker.engines.hf_load import (
     CPU_FLOAT16_WARNING,
     check_load_options,
@@ -36,11 +36,26 @@ from worker.engines.hf_load import (
 )
 from worker.engines.hf_static import StaticDecoder
 from worker.errors import DeviceFailed, InferenceError, OutOfMemory, VlmqError
+from worker.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
 # Processor outputs that are stacked along the batch (first) dimension as they are.
 _CONCAT_KEYS = ("image_sizes", "batch_num_images", "image_sizes_videos")
+
+
+SHARED_MIN_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ProcessorPreparation:
+    """The hf engine's preparation (`worker.engines.base.Preparation`): the checkpoint's processor, without its
+    weights, in each preprocessing process."""
+
+    model: str
+
+    def build(self) -> Prepare:
+        return VisionLanguageModel.processor_only(self.model).prepare
 
 
 @dataclass
@@ -65,6 +80,19 @@ class Prepared:
     def num_tokens(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
 
+    def shared(self) -> Prepared:
+        """Large tensors stay tensors, which cross processes in shared memory (one file descriptor each); small ones
+        (token ids, masks, sizes) become numpy arrays, pickled inline: cheaper than a descriptor."""
+        inputs: dict[str, Any] = {k: v.numpy() if v.nbytes < SHARED_MIN_BYTES else v for k, v in self.inputs.items()}
+        self.inputs = inputs
+        return self
+
+    def restored(self) -> Prepared:
+        """`shared` undone in the engine's process (no copies: `from_numpy` shares the memory)."""
+        inputs: dict[str, Any] = self.inputs
+        self.inputs = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
+        return self
+
     def batch_key(self, job_id: str) -> Hashable:
         """Jobs share a batch only with equal keys: same generation settings and same kinds of media.
 
@@ -86,7 +114,7 @@ class VisionLanguageModel:
         self.processor = processor
         self.name = name
         self.device = device
-        self.faults: Faults | None = None  # fault injection for tests (VLMQ_FAULTS)
+        self.hooks = Hooks()
         self.decoder: StaticDecoder | None = None  # greedy jobs decode here when set (worker.engines.hf_static)
         # The dtype pixel values are cast to: the model's compute dtype. A 4-bit model's quantized weights are uint8
         # (bitsandbytes packs two NF4 values per byte), so its dtype is that of its floating-point parameters.
@@ -242,8 +270,7 @@ class VisionLanguageModel:
     def run(self, staged: Staged) -> list[Generated]:
         """Each staged item's text: static decodes where the batch has them, `generate` for the rest."""
         items = staged.items
-        if self.faults is not None:
-            self.faults.on_batch([item.num_tokens for item in items])
+        self.hooks.batch([item.num_tokens for item in items])
         done: dict[int, Generated] = {}
         new_tokens = items[0].generation.max_new_tokens
         for group, prefills in staged.decodes:

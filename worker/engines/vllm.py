@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from producer.jobs import Generation
-from worker.devtools.faults import Faults
-from worker.engines.base import Generated
+from worker.engines.base import Decoded, DecodedMedia, Generated, Prepare
 from worker.errors import ConfigError, InferenceError, PromptTooLong
+from worker.hooks import Hooks
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 from worker.watchdog import Watchdog, exit_for_restart
@@ -82,13 +82,15 @@ def engine_args(settings: WorkerSettings, device_type: str) -> dict[str, Any]:
 class VLLMEngine:
     """vLLM's `AsyncLLM` behind vlmq's engine interface (see `worker.engines.base.Engine`)."""
 
-    def __init__(self, settings: WorkerSettings, metrics: Metrics, faults: Faults | None = None) -> None:
+    prepare: Prepare | None = None  # vLLM's processor prepares in its front end, from the decoded media (`Decoded`)
+
+    def __init__(self, settings: WorkerSettings, metrics: Metrics, hooks: Hooks) -> None:
         from transformers import AutoProcessor
 
         self.name = settings.model
         self.max_batch_size = settings.max_batch_size or 8  # in-flight default: twice it, as for the hf engine
         self.metrics = metrics
-        self.faults = faults
+        self.hooks = hooks
         self.watchdog = Watchdog(settings.batch_timeout_s, exit_for_restart)
         self.processor = AutoProcessor.from_pretrained(settings.model)
         self._tokenizer_lock = threading.Lock()
@@ -101,14 +103,24 @@ class VLLMEngine:
         self.llm: Any = None
 
     @classmethod
-    def start(cls, settings: WorkerSettings, metrics: Metrics, faults: Faults | None = None) -> VLLMEngine:
+    def preparation(cls, settings: WorkerSettings) -> DecodedMedia:
+        return DecodedMedia()
+
+    @classmethod
+    def start(
+        cls,
+        settings: WorkerSettings,
+        metrics: Metrics,
+        hooks: Hooks,
+        more_coming: Callable[[], bool] = lambda: True,
+    ) -> VLLMEngine:
         """Start vLLM's engine core (its own process) and the loop thread that drives it."""
         try:
             import vllm  # noqa: F401  (a clear error before anything else is loaded)
         except ImportError:
             raise ConfigError("--engine vllm needs vLLM: pip install 'vlmq[vllm]' (or --engine hf)") from None
         started = time.perf_counter()
-        engine = cls(settings, metrics, faults)
+        engine = cls(settings, metrics, hooks)
         engine._thread.start()
         engine.llm = asyncio.run_coroutine_threadsafe(engine._create(settings), engine.loop).result()
         metrics.model_load_seconds.set(time.perf_counter() - started)
@@ -138,7 +150,7 @@ class VLLMEngine:
             if self._in_flight:
                 self.watchdog.begin()
 
-    def prepare(
+    def _request(
         self,
         conversation: list[dict[str, Any]],
         images: Sequence[Image.Image],
@@ -166,7 +178,8 @@ class VLLMEngine:
         )
         return Request(prompt=prompt, media=media, sampling=sampling)
 
-    def add(self, job_id: str, request: Request) -> Future[Generated]:
+    def add(self, job_id: str, decoded: Decoded) -> Future[Generated]:
+        request = self._request(decoded.conversation, decoded.images, decoded.videos, decoded.generation)
         with self._count_lock:
             if self._in_flight == 0:
                 self.watchdog.begin()
@@ -181,8 +194,7 @@ class VLLMEngine:
         request_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
         self._peaks[request_id] = 1
         try:
-            if self.faults is not None and self.faults.kill_engine_on and self.faults.kill_engine_on in request.prompt:
-                self.loop.call_later(0.2, self._kill_engine_core)  # while its request runs
+            self.hooks.request(request.prompt, self._kill_engine_core_soon)
             inputs = {"prompt": request.prompt, "multi_modal_data": request.media}
             async for output in self.llm.generate(inputs, request.sampling, request_id):
                 final = output
@@ -209,6 +221,9 @@ class VLLMEngine:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self.watchdog.end()
+
+    def _kill_engine_core_soon(self) -> None:
+        self.loop.call_later(0.2, self._kill_engine_core)  # while its request runs
 
     def _kill_engine_core(self) -> None:
         """Fault injection (`kill_engine_on`): the engine core process dies, as on a CUDA crash inside it."""

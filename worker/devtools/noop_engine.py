@@ -2,23 +2,25 @@
 option.
 
 It is chosen only through fault injection (`VLMQ_FAULTS='{"noop_engine": "a fixed text"}'`, see
-worker/devtools/faults.py), never by `--engine`: with it a worker does everything it does per job except the model,
-which is what bench/overhead.py measures. `prepare` is the hf engine's own (chat template, tokenizer, image and
-video processor), so its CPU cost is the real one; only the processor is loaded from the checkpoint, not the
-weights. It lives in this package rather than in worker/devtools because `start_engine` selects it: a devtools
-module importing the engines back would be an import cycle across layers (tests/unit/test_layering.py).
+worker/devtools/faults.py, whose hooks put it in the configured engine's place), never by `--engine`: with it a
+worker does everything it does per job except the model, which is what bench/overhead.py measures. Its preparation
+is the hf engine's own (chat template, tokenizer, image and video processor), so its CPU cost is the real one; only
+the processor is loaded from the checkpoint, not the weights.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 
-from worker.engines.base import Generated
-from worker.engines.hf_model import Prepared, VisionLanguageModel
+from worker.engines.base import Generated, Prepare
+from worker.engines.hf_model import Prepared, ProcessorPreparation, VisionLanguageModel
+from worker.hooks import Hooks
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 
@@ -31,7 +33,7 @@ class NoopEngine:
     def __init__(self, holder: VisionLanguageModel, text: str) -> None:
         self.name = holder.name
         self.max_batch_size = 8
-        self.prepare = holder.prepare
+        self.prepare: Prepare | None = holder.prepare
         self.text = text
 
     @classmethod
@@ -59,3 +61,18 @@ class NoopEngine:
 
     def close(self) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class Noop:
+    """The no-op engine as an engine class (`worker.engines.base.EngineClass`), with its fixed text."""
+
+    text: str
+
+    def preparation(self, settings: WorkerSettings) -> ProcessorPreparation:
+        return ProcessorPreparation(settings.model)
+
+    def start(
+        self, settings: WorkerSettings, metrics: Metrics, hooks: Hooks, more_coming: Callable[[], bool]
+    ) -> NoopEngine:
+        return NoopEngine.start(settings, metrics, self.text)
