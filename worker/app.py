@@ -142,6 +142,7 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
         refusal_recorder(pipeline, ledger, finisher),
         max_bytes=settings.max_message_bytes,
         max_crashes=settings.max_crashes,
+        max_eta_s=settings.visibility_timeout_s,
         faults=pipeline.faults,
         deadlines=deadlines,
         progressed=health.progressed,

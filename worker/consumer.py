@@ -46,6 +46,7 @@ class Intake:
         *,
         max_bytes: int,
         max_crashes: int,
+        max_eta_s: float | None = None,
         faults: Faults | None = None,
         deadlines: Deadlines | None = None,
         progressed: Callable[[], None] = lambda: None,
@@ -54,6 +55,7 @@ class Intake:
         self.record = record  # stores a refusal: a failed result under its id, or a dead letter
         self.max_bytes = max_bytes
         self.max_crashes = max_crashes
+        self.max_eta_s = max_eta_s  # the broker's visibility timeout: an eta further ahead is refused
         self.faults = faults
         self.deadlines = deadlines or Deadlines()
         self.progressed = progressed  # a message ended here: the consumer is moving (liveness)
@@ -63,7 +65,7 @@ class Intake:
         """Admit the message to Celery (`celery`, its own handler), or end it here."""
         self.busy_since = time.monotonic()
         try:
-            verdict = gate.inspect(message, self.max_bytes)
+            verdict = gate.inspect(message, self.max_bytes, max_eta_s=self.max_eta_s)
             if isinstance(verdict, Admitted):
                 verdict = self._crash_loop(message, verdict)
             if isinstance(verdict, Refused):
