@@ -1,21 +1,28 @@
-"""Edges of Celery's and kombu's Redis delivery, with real redis-server, SeaweedFS and worker processes: an `eta`
-further ahead than the visibility timeout is refused at once rather than delivered again while it waits; a Celery
-retry keeps the message's `expires`.
+"""Edges of Celery's and kombu's Redis delivery, with real redis-server, SeaweedFS and worker processes: a message in
+gocelery's envelope held by a worker that is killed comes back to its queue (kombu's restore followed the envelope's
+own route, to `ae.undeliver`); an `eta` further ahead than the visibility timeout is refused at once rather than
+delivered again while it waits; a Celery retry keeps the message's `expires`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+import redis
+from kombu import Connection
+from kombu.transport import redis as kombu_redis
 
 from tests.apiserver import module_stack
 from tests.conftest import Stack
 from tests.helpers import (
     ALLOWED_HOST,
+    FAST_REDELIVERY,
     FirstBusy,
     MediaServer,
     celery_call,
@@ -24,10 +31,97 @@ from tests.helpers import (
     upload_images,
 )
 from tests.reference import encode, random_image
+from worker.consumer import VlmqChannel
+from worker.devtools.local_services import RedisServer
 
 __all__ = ["module_stack"]
 
 VISIBILITY_TIMEOUT_S = 20
+KILLS_ITS_WORKER = "held-when-killed"
+
+
+def gocelery_envelope(task_id: str, job: dict[str, Any]) -> dict[str, Any]:
+    """A task as gocelery writes it into kombu's Redis list: protocol 1 in the body, no headers, and the route
+    exchange `celery` / routing key `celery` whatever list it is pushed to."""
+    body = {"id": task_id, "task": "vlmq.run", "args": [job], "kwargs": {}, "retries": 0, "eta": None, "expires": None}
+    return {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-type": "application/json",
+        "properties": {
+            "body_encoding": "base64",
+            "correlation_id": task_id,
+            "reply_to": str(uuid.uuid4()),
+            "delivery_info": {"priority": 0, "routing_key": "celery", "exchange": "celery"},
+            "delivery_mode": 2,
+            "delivery_tag": str(uuid.uuid4()),
+        },
+        "content-encoding": "utf-8",
+    }
+
+
+def body_id(raw: bytes) -> str:
+    """The task id in a protocol 1 envelope's body, as stored in a list or in kombu's unacknowledged hash."""
+    envelope = json.loads(raw)
+    envelope = envelope[0] if isinstance(envelope, list) else envelope  # the hash holds [envelope, exchange, key]
+    return str(json.loads(base64.b64decode(envelope["body"]))["id"])
+
+
+def held(client: redis.Redis, task_id: str) -> list[Any]:
+    """kombu's unacknowledged entries ([envelope, exchange, routing key]) of the task."""
+    return [json.loads(raw) for raw in client.hvals("unacked") if body_id(raw) == task_id]  # type: ignore[union-attr]
+
+
+def test_a_gocelery_message_held_by_a_killed_worker_is_restored_to_its_queue_and_runs(stack: Stack) -> None:
+    [uri] = upload_images(stack, KILLS_ITS_WORKER, 1)
+    task_id = str(uuid.uuid4())
+    client = redis.Redis.from_url(stack.redis.url)
+    client.lpush(stack.queue, json.dumps(gocelery_envelope(task_id, {"media": [uri], "max_new_tokens": 4})))
+    doomed = stack.start_worker(env={**FAST_REDELIVERY, "VLMQ_FAULTS": json.dumps({"crash_on": KILLS_ITS_WORKER})})
+    doomed.proc.wait(timeout=120)  # SIGKILLed when the job started: the message is held, unacknowledged
+
+    [[envelope, exchange, routing_key]] = held(client, task_id)
+    assert (exchange, routing_key, envelope["headers"]) == ("", stack.queue, {})  # the route back to its own list
+    stack.start_worker(env=FAST_REDELIVERY)  # restores it after the visibility timeout, then runs it
+    result = stack.client().result(task_id, timeout=120)
+
+    assert (doomed.proc.returncode, result.status, result.attempts) == (-9, "succeeded", 2)
+    assert task_id not in [body_id(raw) for raw in client.lrange("ae.undeliver", 0, -1)]  # type: ignore[union-attr]
+
+
+class _Transport(kombu_redis.Transport):
+    Channel = VlmqChannel  # as `worker.consumer.tolerate_foreign_envelopes` makes it in a worker process
+
+
+@pytest.mark.parametrize("headers", ["absent", None, {}])
+def test_kombus_restore_puts_a_hand_written_envelope_back_on_the_list_it_came_from(
+    redis_server: RedisServer, headers: Any
+) -> None:
+    """kombu's own restore (the one a lost connection or a shutdown runs), on a real Redis: an envelope without
+    headers, with null headers (kombu's restore raised on it and dropped the message) or with gocelery's route."""
+    queue, task_id = f"q-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    envelope = gocelery_envelope(task_id, {"media": ["s3://b/a.png"]})
+    if headers != "absent":
+        envelope["headers"] = headers
+    client = redis.Redis.from_url(redis_server.url)
+    client.lpush(queue, json.dumps(envelope))
+    received: list[Any] = []
+    with Connection(redis_server.url, transport=_Transport) as connection:
+        channel = connection.default_channel
+        channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+        connection.drain_events(timeout=10)
+        assert len(held(client, task_id)) == 1
+        channel.qos.restore_unacked()
+
+    [back] = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]  # type: ignore[union-attr]
+    assert [m.headers for m in received] == [{}]
+    assert back["headers"] == {"redelivered": True}
+    assert back["properties"]["delivery_info"] == {
+        "priority": 0,
+        "routing_key": queue,
+        "exchange": "",
+        "redelivered": True,
+    }
+    assert back["body"] == envelope["body"]
 
 
 @pytest.fixture(scope="module")
