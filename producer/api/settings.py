@@ -8,6 +8,7 @@ front door and the workers the same rules: a URL the workers would refuse is ref
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
@@ -56,6 +57,11 @@ class ApiSettings(SharedSettings):
         if isinstance(value, list):
             return [str(k).strip() for k in value if str(k).strip()]
         return value
+
+    @property
+    def chat_body_bytes(self) -> int:
+        """The largest chat completion body: a JSON body and one full-size data: URL image (base64: 4 bytes per 3)."""
+        return self.max_body_bytes + math.ceil(self.max_media_bytes * 4 / 3)
 
     @property
     def bucket(self) -> str | None:

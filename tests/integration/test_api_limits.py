@@ -1,0 +1,67 @@
+"""Per-key limits across replicas: two real `vlmq api` processes on one Redis admit, together, exactly what one
+would (rate and requests in flight), also when their VLMQ_API_KEYS list the keys in different orders."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.apiserver import Api, module_stack, start_api
+from tests.conftest import Stack
+from tests.helpers import scrape
+from worker.devtools.local_services import wait_until
+
+__all__ = ["module_stack"]
+
+IN_FLIGHT = ("vlmq_api_requests_in_flight", ())
+
+
+def job() -> dict[str, object]:
+    return {"id": uuid.uuid4().hex, "media": ["s3://b/a.png"]}
+
+
+def test_two_api_processes_share_each_keys_rate_and_concurrency(module_stack: Stack) -> None:
+    rated, other, busy = (f"{name}-{uuid.uuid4().hex[:8]}" for name in ("rated", "other", "busy"))
+    limits = {"VLMQ_RATE_LIMIT_PER_S": "0.2", "VLMQ_RATE_BURST": "5", "VLMQ_MAX_CONCURRENT_PER_KEY": "2"}
+    a = start_api(module_stack, env={**limits, "VLMQ_API_KEYS": f"{rated},{other},{busy}"}, name="api-a")
+    b = start_api(module_stack, env={**limits, "VLMQ_API_KEYS": f"{busy},{other},{rated}"}, name="api-b")
+    try:
+        with a.client(key=rated) as on_a, b.client(key=rated) as on_b, b.client(key=other) as other_on_b:
+            # 8 submissions of one key, taking turns between the processes: one burst of 5 for both together.
+            codes = [(on_a, on_b)[n % 2].post("/jobs", json=job()).status_code for n in range(8)]
+            refused = on_b.post("/jobs", json=job())
+            assert other_on_b.post("/jobs", json=job()).status_code == 202  # another key has its own bucket
+        held, third = two_long_polls_and_more(a, b, busy)
+    finally:
+        a.stop()
+        b.stop()
+
+    assert codes == [202, 202, 202, 202, 202, 429, 429, 429]
+    assert (refused.status_code, refused.headers["Retry-After"]) == (429, "5")
+    assert refused.json()["error"]["message"].startswith("this key sends more than 0.2 requests per second; retry")
+    assert held == [200, 200]
+    assert third == [429, 429, 200]  # on a and on b while both slots are held; once they are free again
+
+
+def two_long_polls_and_more(a: Api, b: Api, key: str) -> tuple[list[int], list[int]]:
+    """With one long poll on each process holding the key's 2 slots: a third request on each (429 expected), and
+    one more once the polls have answered."""
+    with a.client(key=key) as on_a, b.client(key=key) as on_b:
+        waited_on = job()
+        assert on_a.post("/jobs", json=waited_on).status_code == 202  # no worker runs it: the polls wait 3 s
+
+        def poll(api: Api) -> int:
+            with api.client(key=key) as client:
+                return client.get(f"/jobs/{waited_on['id']}", params={"wait": 3}).status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            polls = [pool.submit(poll, api) for api in (a, b)]
+            wait_until(lambda: scrape(a.port)[IN_FLIGHT] == scrape(b.port)[IN_FLIGHT] == 1, 10, "a poll on each")
+            third: list[httpx.Response] = [on_a.get("/v1/models"), on_b.get("/v1/models")]
+            held = [p.result() for p in polls]
+        third.append(on_a.get("/v1/models"))
+    message = "this key has 2 requests in flight, the most it may (across every API process); wait for one to finish"
+    assert [r.json()["error"]["message"] for r in third[:2]] == [message, message]
+    return held, [r.status_code for r in third]
