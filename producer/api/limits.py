@@ -104,13 +104,14 @@ class Limiter:
     admitted by one script call (with the slots of requests that ended meanwhile given back in it): under load one
     round trip serves many requests, and a lone request goes at once."""
 
-    def __init__(self, settings: ApiSettings, client: aioredis.Redis | None = None) -> None:
+    def __init__(self, settings: ApiSettings, client: aioredis.Redis | None = None, lease_s: float = LEASE_S) -> None:
         self.settings = settings
         self.keys = Keys.of(settings)
         self.redis = client or aioredis.Redis.from_url(settings.broker_url)
         self.admit_script = self.redis.register_script(ADMIT)
         self.renew_script = self.redis.register_script(RENEW)
-        self.lease_ms = int(LEASE_S * 1000)
+        self.lease_s = lease_s
+        self.lease_ms = int(lease_s * 1000)
         self.prefix = uuid.uuid4().hex[:12]  # this process's leases: <prefix>:<n>
         self.numbers = itertools.count()
         self.held: dict[str, str] = {}  # lease -> the lease set it is in, for renewal
@@ -159,7 +160,7 @@ class Limiter:
         try:
             await self._send(_Call(lease, leases, None, self._future()))
         except redis.RedisError as exc:
-            log.warning("could not release a request's slot (%s); it lapses within %.0f s", exc, LEASE_S)
+            log.warning("could not release a request's slot (%s); it lapses within %.0f s", exc, self.lease_s)
 
     def _future(self) -> asyncio.Future[tuple[int, int]]:
         return asyncio.get_running_loop().create_future()
@@ -201,9 +202,9 @@ class Limiter:
             self.sending = False
 
     async def _renew(self) -> None:
-        """While this process has requests in flight: renew their leases every LEASE_S / 3."""
+        """While this process has requests in flight: renew their leases every third of a lease."""
         while self.held:
-            await asyncio.sleep(LEASE_S / 3)
+            await asyncio.sleep(self.lease_s / 3)
             held = list(self.held.items())
             if not held:
                 continue

@@ -3,15 +3,21 @@ would (rate and requests in flight), also when their VLMQ_API_KEYS list the keys
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
+from producer.api.errors import ApiError
+from producer.api.limits import Limiter
+from producer.api.settings import ApiSettings
 from tests.apiserver import Api, module_stack, start_api
 from tests.conftest import Stack
 from tests.helpers import scrape
-from worker.devtools.local_services import wait_until
+from worker.devtools.local_services import RedisServer, wait_until
 
 __all__ = ["module_stack"]
 
@@ -65,3 +71,37 @@ def two_long_polls_and_more(a: Api, b: Api, key: str) -> tuple[list[int], list[i
     message = "this key has 2 requests in flight, the most it may (across every API process); wait for one to finish"
     assert [r.json()["error"]["message"] for r in third[:2]] == [message, message]
     return held, [r.status_code for r in third]
+
+
+def test_a_dead_replicas_requests_free_their_slots_once_their_leases_lapse(redis_server: RedisServer) -> None:
+    """Two limiters (two API processes) on a real Redis, one slot per key, leases of 0.3 s: a request held by a live
+    process keeps its slot past its lease (renewed); once its process stops renewing (it died), the slot is free
+    within the lease."""
+    settings = ApiSettings(broker_url=redis_server.url, max_concurrent_per_key=1, redis_namespace=uuid.uuid4().hex)
+
+    async def scenario() -> tuple[str, str, float]:
+        alive, other = Limiter(settings, lease_s=0.3), Limiter(settings, lease_s=0.3)
+        await alive.admit("key")
+        await asyncio.sleep(0.9)  # three leases long: renewed
+        with pytest.raises(ApiError) as held:
+            await other.admit("key")
+        assert alive.renewer is not None
+        alive.renewer.cancel()  # the process died: nothing renews or releases its lease
+        died = time.monotonic()
+        while True:
+            try:
+                await other.admit("key")
+                break
+            except ApiError:
+                await asyncio.sleep(0.02)
+        freed_after = time.monotonic() - died
+        await alive.close()
+        await other.close()
+        return held.value.code, held.value.message, freed_after
+
+    code, message, freed_after = asyncio.run(scenario())
+    assert (code, message) == (
+        "rate_limited",
+        "this key has 1 requests in flight, the most it may (across every API process); wait for one to finish",
+    )
+    assert freed_after < 0.5
