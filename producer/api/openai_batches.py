@@ -130,11 +130,14 @@ class OpenAIBatches:
         self.redis.hset(self.keys.openai_batch(batch_id), "rejected", json.dumps([r.model_dump() for r in rejected]))
 
     def fail(self, batch_id: str, error: ApiError) -> None:
-        """The batch could not start (its file is unreadable or too long): status `failed`, with the reason."""
+        """The batch could not start (its file is unreadable or too long): status `failed`, with the reason. Jobs
+        already sent (the file stopped being readable half-way) end `cancelled` unless a worker took them."""
         errors = {"object": "list", "data": [{"code": error.code, "message": error.message, "param": error.param}]}
         self.redis.hset(
             self.keys.openai_batch(batch_id), mapping={"failed_at": int(time.time()), "errors": json.dumps(errors)}
         )
+        if self.api.client.batch(batch_id).status().status != "unknown":
+            self.api.client.batch(batch_id).cancel()
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         self.record(batch_id)
