@@ -35,7 +35,8 @@ LEASE_S = 30.0
 # One call admits or refuses a batch of requests (those that arrived together) and frees the slots of requests
 # that ended. KEYS: for each admission its key's bucket (hash: tokens, at) and lease set (sorted set: lease ->
 # lapses at, ms), then the lease set of each release. ARGV: rate per s, burst, most in flight, lease ms, how many
-# admissions, each admission's lease, each release's lease.
+# admissions, each admission's lease, each release's lease. Each key is read and written once per call, however
+# many of its requests the call holds.
 # Returns, per admission: 0, 0 admitted (its lease taken); 1, 0 too many in flight; 2, ms over the rate (a token in
 # ms).
 ADMIT = """
@@ -46,28 +47,38 @@ local admits = tonumber(ARGV[5])
 for i = 2 * admits + 1, #KEYS do
   redis.call('ZREM', KEYS[i], ARGV[5 + i - admits])
 end
-local out = {}
+local seen, out = {}, {}
 for i = 1, admits do
-  local tokens_key, leases_key = KEYS[2 * i - 1], KEYS[2 * i]
-  redis.call('ZREMRANGEBYSCORE', leases_key, '-inf', now_ms)
-  local verdict, wait_ms = 0, 0
-  if redis.call('ZCARD', leases_key) >= most then
-    verdict = 1
-  else
-    local bucket = redis.call('HMGET', tokens_key, 'tokens', 'at')
+  local leases = KEYS[2 * i]
+  local key = seen[leases]
+  if not key then
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
+    local bucket = redis.call('HMGET', KEYS[2 * i - 1], 'tokens', 'at')
     local tokens = tonumber(bucket[1]) or burst
     local at = tonumber(bucket[2]) or now_ms
-    tokens = math.min(burst, tokens + math.max(0, now_ms - at) * rate / 1000)
-    if tokens < 1 then
-      verdict, wait_ms = 2, math.ceil((1 - tokens) * 1000 / rate)
-    else
-      redis.call('HSET', tokens_key, 'tokens', tostring(tokens - 1), 'at', now_ms)
-      redis.call('PEXPIRE', tokens_key, math.ceil(burst * 1000 / rate) + 1000)
-      redis.call('ZADD', leases_key, now_ms + lease_ms, ARGV[5 + i])
-      redis.call('PEXPIRE', leases_key, lease_ms)
-    end
+    key = {bucket = KEYS[2 * i - 1], held = redis.call('ZCARD', leases), taken = {},
+           tokens = math.min(burst, tokens + math.max(0, now_ms - at) * rate / 1000)}
+    seen[leases] = key
+  end
+  local verdict, wait_ms = 0, 0
+  if key.held >= most then
+    verdict = 1
+  elseif key.tokens < 1 then
+    verdict, wait_ms = 2, math.ceil((1 - key.tokens) * 1000 / rate)
+  else
+    key.tokens, key.held = key.tokens - 1, key.held + 1
+    table.insert(key.taken, now_ms + lease_ms)
+    table.insert(key.taken, ARGV[5 + i])
   end
   out[2 * i - 1], out[2 * i] = verdict, wait_ms
+end
+for leases, key in pairs(seen) do
+  if #key.taken > 0 then
+    redis.call('HSET', key.bucket, 'tokens', tostring(key.tokens), 'at', now_ms)
+    redis.call('PEXPIRE', key.bucket, math.ceil(burst * 1000 / rate) + 1000)
+    redis.call('ZADD', leases, unpack(key.taken))
+    redis.call('PEXPIRE', leases, lease_ms)
+  end
 end
 return out
 """

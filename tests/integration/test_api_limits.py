@@ -105,3 +105,29 @@ def test_a_dead_replicas_requests_free_their_slots_once_their_leases_lapse(redis
         "this key has 1 requests in flight, the most it may (across every API process); wait for one to finish",
     )
     assert freed_after < 0.5
+
+
+def test_requests_admitted_together_in_one_call_count_one_by_one(redis_server: RedisServer) -> None:
+    """20 requests of one key arriving at once go to Redis in one script call: exactly as many are admitted as the
+    cap (5 in flight) or the burst (3) allows, and their slots come back when they end."""
+
+    async def outcomes(limiter: Limiter, key: str) -> list[str]:
+        verdicts = await asyncio.gather(*(limiter.admit(key) for _ in range(20)), return_exceptions=True)
+        return [v.message.split(";")[0] if isinstance(v, ApiError) else "admitted" for v in verdicts]
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        namespace = uuid.uuid4().hex
+        capped = Limiter(ApiSettings(broker_url=redis_server.url, max_concurrent_per_key=5, redis_namespace=namespace))
+        first = await outcomes(capped, "capped")
+        await asyncio.gather(*(capped.release(lease) for lease in list(capped.held)))
+        again = await outcomes(capped, "capped")
+        rated = Limiter(ApiSettings(broker_url=redis_server.url, rate_burst=3, redis_namespace=namespace))
+        burst = await outcomes(rated, "rated")
+        for limiter in (capped, rated):
+            await limiter.close()
+        return first, again, burst
+
+    first, again, burst = asyncio.run(scenario())
+    busy = "this key has 5 requests in flight, the most it may (across every API process)"
+    assert first == again == ["admitted"] * 5 + [busy] * 15
+    assert burst == ["admitted"] * 3 + ["this key sends more than 200 requests per second"] * 17
