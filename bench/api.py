@@ -10,7 +10,12 @@
 
 Redis and SeaweedFS are local (`bench/common.py`); no worker consumes, so the queue only grows.
 
-    python bench/api.py [--clients 16] [--seconds 10] [--requests 1000]
+`--baseline DIR` compares another version of vlmq side by side in one run: DIR is a checkout of it (e.g.
+`git worktree add /tmp/vlmq-base <commit>`), whose `vlmq api` runs with DIR on PYTHONPATH, next to this tree's, on
+the same Redis and SeaweedFS. Throughput is measured `--rounds` times for each, taking turns (baseline first),
+and the median is compared; latency once each.
+
+    python bench/api.py [--clients 16] [--seconds 10] [--requests 1000] [--baseline DIR] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -101,17 +106,37 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return cuts[49] * 1000, cuts[98] * 1000
 
 
-def start_api(env: dict[str, str], work: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_api(env: dict[str, str], work: Path, root: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`vlmq api` from the code under `root`; its log is `work/<name>.log`."""
     from worker.devtools.local_services import free_port, wait_until
 
     port = free_port()
     limits = {"VLMQ_RATE_LIMIT_PER_S": "1000000", "VLMQ_RATE_BURST": "1000000", "VLMQ_MAX_CONCURRENT_PER_KEY": "1000"}
-    settings = {**os.environ, **env, **limits, "VLMQ_API_KEYS": KEY, "PYTHONPATH": str(ROOT)}
+    settings = {**os.environ, **env, **limits, "VLMQ_API_KEYS": KEY, "PYTHONPATH": str(root)}
     argv = [sys.executable, "-m", "producer.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
-    log = (work / "api.log").open("wb")
-    proc = subprocess.Popen(argv, env=settings, stdout=log, stderr=subprocess.STDOUT)
+    log = (work / f"{name}.log").open("wb")
+    proc = subprocess.Popen(argv, env=settings, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").status == 200, 60, "vlmq api", proc)
     return proc, port
+
+
+def measure(
+    versions: dict[str, Path], env: dict[str, str], work: Path, args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, tuple[float, float]]]:
+    """Jobs/s of each version, `args.rounds` times taking turns, and the p50/p99 of sequential `POST /jobs`."""
+    procs = {label: start_api(env, work, root, f"api-{label}") for label, root in versions.items()}
+    try:
+        rates: dict[str, list[float]] = {label: [] for label in versions}
+        for _ in range(args.rounds):
+            for label, (_, port) in procs.items():
+                rates[label].append(asyncio.run(throughput(port, args.clients, args.seconds)))
+                print(f"{label}: {rates[label][-1]:,.0f} jobs/s with {args.clients} clients", flush=True)
+        latency = {label: percentiles(sequential_http(port, args.requests)) for label, (_, port) in procs.items()}
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(30)
+    return rates, latency
 
 
 def main() -> None:
@@ -119,42 +144,53 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--baseline", type=Path, help="a checkout of another vlmq version, measured side by side")
+    parser.add_argument("--rounds", type=int, default=1, help="throughput runs per version, taking turns")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--note", default="", help="a line about the conditions (other load on the machine, ...)")
     args = parser.parse_args()
+    versions = {"baseline": args.baseline.resolve(), "this tree": ROOT} if args.baseline else {"this tree": ROOT}
 
     with tempfile.TemporaryDirectory(prefix="vlmq-bench-") as tmp, local_stack(Path(tmp)) as stack:
-        proc, port = start_api(stack.env, Path(tmp))
-        try:
-            rate = asyncio.run(throughput(port, args.clients, args.seconds))
-            print(f"{rate:,.0f} jobs/s with {args.clients} clients", flush=True)
-            direct = percentiles(sequential_client(args.requests))
-            http = percentiles(sequential_http(port, args.requests))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    added = (http[0] - direct[0], http[1] - direct[1])
+        rates, latency = measure(versions, stack.env, Path(tmp), args)
+        direct = percentiles(sequential_client(args.requests))
+    median = {label: statistics.median(r) for label, r in rates.items()}
     rows = [
-        "| path | p50 ms | p99 ms |",
-        "|---|---:|---:|",
-        f"| `Client.submit` (in process) | {direct[0]:.2f} | {direct[1]:.2f} |",
-        f"| `POST /jobs` to `vlmq api` | {http[0]:.2f} | {http[1]:.2f} |",
-        f"| added by the API | {added[0]:.2f} | {added[1]:.2f} |",
+        "| `vlmq api` | jobs/s (median) | runs | `POST /jobs` p50 ms | p99 ms | added to `Client.submit` p50/p99 ms |",
+        "|---|---:|---|---:|---:|---:|",
+        f"| `Client.submit` (in process) | | | {direct[0]:.2f} | {direct[1]:.2f} | |",
     ]
+    for label in versions:
+        (p50, p99), runs = latency[label], ", ".join(f"{r:,.0f}" for r in rates[label])
+        added = f"{p50 - direct[0]:.2f} / {p99 - direct[1]:.2f}"
+        rows.append(f"| {label} | {median[label]:,.0f} | {runs} | {p50:.2f} | {p99:.2f} | {added} |")
     table = "\n".join(rows)
-    print(table)
+    ratio = ""
+    if args.baseline:
+        ratio = f"This tree / baseline: **{median['this tree'] / median['baseline']:.2f}x** jobs/s.\n"
+        versions_line = f"- baseline: `{args.baseline}` (git {_commit(args.baseline)}); this tree: {_commit(ROOT)}\n"
+    else:
+        versions_line = ""
+    print(table + "\n" + ratio)
     command = f"python bench/api.py --clients {args.clients} --seconds {args.seconds:g} --requests {args.requests}"
+    if args.baseline:
+        command += f" --baseline {args.baseline} --rounds {args.rounds}"
     append_section(
         args.out,
         f"\n## HTTP API: submissions per second and added latency ({datetime.now(UTC):%Y-%m-%d})\n\n"
         f"- machine: {machine()}\n- command: `{command}`\n"
+        + versions_line
         + (f"- conditions: {args.note}\n" if args.note else "")
-        + f"- one `vlmq api` process (uvicorn, one event loop), no worker; jobs are one-image caption jobs with fresh "
-        "ids; local redis-server and SeaweedFS\n\n"
-        f"**{rate:,.0f} jobs accepted per second** with {args.clients} concurrent keep-alive clients "
-        f"({args.seconds:g} s after a 2 s warm-up). Latency of {args.requests:,} sequential submissions:\n\n"
-        f"{table}\n",
+        + f"- one `vlmq api` process at a time (uvicorn, one event loop), no worker; jobs are one-image caption jobs "
+        f"with fresh ids; {args.clients} concurrent keep-alive clients, {args.seconds:g} s per run after a 2 s "
+        f"warm-up; latency of {args.requests:,} sequential submissions; local redis-server and SeaweedFS\n\n"
+        f"{table}\n\n{ratio}",
     )
+
+
+def _commit(root: Path) -> str:
+    found = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

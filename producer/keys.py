@@ -41,6 +41,11 @@ Per OpenAI Batch API batch of `vlmq api` (`<id>`, `batch_<hex>`, also the name o
   before they became jobs, output and error file ids);
 - `vlmq:openai-batches`: sorted set of batch ids by creation time, for listing.
 
+Per bearer key of `vlmq api` (`<fp>`, the first 16 hex digits of the key's SHA-256; see `producer/api/limits.py`):
+
+- `vlmq:api-tokens:<fp>`: hash (tokens, at): the key's token bucket, shared by every API process;
+- `vlmq:api-in-flight:<fp>`: sorted set of the key's requests in flight, lease -> when it lapses (ms, Redis time).
+
 Not here, and not namespaced: kombu's own keys (the queue lists `<queue>` and `<queue>\\x06\\x16<step>`,
 `unacked`, `unacked_index`, `_kombu.binding.*`) and Celery's results (`celery-task-meta-<id>`); queue names
 already keep those apart.
@@ -136,3 +141,10 @@ class Keys:
 
     def openai_batches(self) -> str:
         return self._key("openai-batches")
+
+    # -- per bearer key (vlmq api) -------------------------------------------------------------------------------
+    def api_tokens(self, key_id: str) -> str:
+        return self._key("api-tokens", key_id)
+
+    def api_in_flight(self, key_id: str) -> str:
+        return self._key("api-in-flight", key_id)

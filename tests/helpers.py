@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import redis
+from kombu import Connection
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MEDIA_BUCKET, Stack
@@ -137,3 +138,38 @@ def serve(host: str, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> It
 # The tiny model's caption job on a 40x30 image is 66 input tokens; a question of 1,400 characters makes 760.
 LONG_QUESTION = "What is this? " * 100
 OVER_TOKENS = 400
+
+
+def publish(
+    stack: Stack, queue: str, body: bytes, headers: dict[str, Any], content_type: str = "application/json"
+) -> None:
+    """One message on `queue`, as any AMQP-style client would publish it: raw bytes, headers and a content type."""
+    with Connection(stack.redis.url) as connection:
+        connection.Producer().publish(
+            body,
+            exchange="",
+            routing_key=queue,
+            headers=headers,
+            content_type=content_type,
+            content_encoding="utf-8",
+        )
+
+
+def push_envelope(stack: Stack, queue: str, envelope: dict[str, Any]) -> None:
+    """A message written into kombu's Redis list by hand, as a client that speaks the Redis layout would."""
+    redis.Redis.from_url(stack.redis.url).lpush(queue, json.dumps(envelope))
+
+
+def celery_call(job: dict[str, Any], kwargs: Any = None, embed: Any = None) -> bytes:
+    return json.dumps([[job], {} if kwargs is None else kwargs, {} if embed is None else embed]).encode()
+
+
+class FirstBusy(dict):  # type: ignore[type-arg]
+    """Routes whose first request for each path answers 503 (a busy media server), and the file after."""
+
+    asked: set[str]
+
+    def get(self, path: str, default: Any = None) -> Any:
+        first = path not in self.asked
+        self.asked.add(path)
+        return (503, {}, b"busy") if first else super().get(path, default)

@@ -130,7 +130,7 @@ def _serve_health(settings: WorkerSettings, metrics: Metrics) -> Health:
 def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health: Health) -> Recovery:
     """Register the task, put the gate in front of Celery's consumer, and connect the start-up and shutdown signals;
     returns the lost-message recovery, started once the worker consumes."""
-    from worker.consumer import Intake, consumer_class, tolerate_unreadable_envelopes
+    from worker.consumer import Intake, consumer_class, tolerate_foreign_envelopes
     from worker.gate import Deadlines
     from worker.lifecycle import Finisher
     from worker.recovery import Recovery
@@ -146,12 +146,13 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
         refusal_recorder(pipeline, ledger, finisher),
         max_bytes=settings.max_message_bytes,
         max_crashes=settings.max_crashes,
+        max_eta_s=settings.visibility_timeout_s,
         hooks=pipeline.hooks,
         deadlines=deadlines,
         progressed=health.progressed,
     )
     app.conf.worker_consumer = consumer_class(intake)
-    tolerate_unreadable_envelopes()
+    tolerate_foreign_envelopes()
 
     def send_again(job_id: str, payload: dict[str, Any], queue: str | None, force: bool) -> None:
         clients.publisher.publish([(job_id, payload)], queue or settings.queue, force)

@@ -46,6 +46,7 @@ class Intake:
         *,
         max_bytes: int,
         max_crashes: int,
+        max_eta_s: float | None = None,
         hooks: Hooks | None = None,
         deadlines: Deadlines | None = None,
         progressed: Callable[[], None] = lambda: None,
@@ -54,6 +55,7 @@ class Intake:
         self.record = record  # stores a refusal: a failed result under its id, or a dead letter
         self.max_bytes = max_bytes
         self.max_crashes = max_crashes
+        self.max_eta_s = max_eta_s  # the broker's visibility timeout: an eta further ahead is refused
         self.hooks = hooks or Hooks()
         self.deadlines = deadlines or Deadlines()
         self.progressed = progressed  # a message ended here: the consumer is moving (liveness)
@@ -63,7 +65,7 @@ class Intake:
         """Admit the message to Celery (`celery`, its own handler), or end it here."""
         self.busy_since = time.monotonic()
         try:
-            verdict = gate.inspect(message, self.max_bytes)
+            verdict = gate.inspect(message, self.max_bytes, max_eta_s=self.max_eta_s)
             if isinstance(verdict, Admitted):
                 verdict = self._crash_loop(message, verdict)
             if isinstance(verdict, Refused):
@@ -220,11 +222,42 @@ def envelope_problem(payload: Any) -> str | None:
     return None
 
 
-def tolerate_unreadable_envelopes() -> None:
-    """Make kombu's Redis channels read items with `_tolerant_loads` and build `TolerantMessage`s (this worker
-    process only)."""
+def routed_home(payload: Any, queue: str) -> Any:
+    """A Redis envelope popped from `queue`, with a route that leads back there: kombu restores an unacknowledged
+    message (a worker died or lost its connection while holding it), and Celery sends a retry, along the envelope's
+    `delivery_info` exchange and routing key. Clients that write kombu's Redis layout by hand name other routes
+    (gocelery: exchange and routing key `celery`, whatever list it pushed to), which kombu's restore sent to its
+    dead-letter queue `ae.undeliver`; and they leave `headers` out (the restored copy was not marked redelivered,
+    so a crash loop went uncounted) or null (kombu's restore failed on it and dropped the message)."""
+    if not isinstance(payload, dict) or envelope_problem(payload) is not None:
+        return payload  # `TolerantMessage` dead-letters it: acknowledged at once, never restored
+    if payload.get("headers") is None:
+        payload["headers"] = {}
+    info = payload["properties"]["delivery_info"]
+    if (info["exchange"], info["routing_key"]) != ("", queue):  # vlmq's own messages already name their queue so
+        payload["properties"]["delivery_info"] = {**info, "exchange": "", "routing_key": queue}
+    return payload
+
+
+class VlmqChannel(kombu_redis.Channel):
+    """kombu's Redis channel in a worker process: it reads items with `_tolerant_loads` into `TolerantMessage`s,
+    and every message it delivers from a queue names that queue as its route (`routed_home`)."""
+
+    Message = TolerantMessage
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        consumed = super().basic_consume(queue, *args, **kwargs)
+        callbacks: dict[str, Callable[[Any], Any]] = self.connection._callbacks  # type: ignore[assignment]
+        if queue not in self._fanout_queues:  # type: ignore[attr-defined]  # broadcasts (pidbox) are never restored
+            deliver = callbacks[queue]
+            callbacks[queue] = lambda payload: deliver(routed_home(payload, queue))
+        return consumed
+
+
+def tolerate_foreign_envelopes() -> None:
+    """Make kombu's Redis transport use `VlmqChannel` and `_tolerant_loads` (this worker process only)."""
     kombu_redis.loads = _tolerant_loads  # type: ignore[attr-defined]
-    kombu_redis.Channel.Message = TolerantMessage
+    kombu_redis.Transport.Channel = VlmqChannel
 
 
 def consumer_class(intake: Intake) -> type[Consumer]:

@@ -63,8 +63,13 @@ class Refused:
     attempts: int = 1
 
 
-def inspect(message: Any, max_bytes: int, now: datetime | None = None) -> Admitted | Refused:
-    """The gate's verdict on a kombu message (read only: `admit` applies an `Admitted` to it)."""
+def inspect(
+    message: Any, max_bytes: int, now: datetime | None = None, max_eta_s: float | None = None
+) -> Admitted | Refused:
+    """The gate's verdict on a kombu message (read only: `admit` applies an `Admitted` to it).
+
+    `max_eta_s`: how far ahead an `eta` may be (the broker's visibility timeout; None: any).
+    """
     headers = message.headers
     if not isinstance(headers, dict):
         return Refused(None, InvalidJob(f"the message headers are {type(headers).__name__}, not an object"))
@@ -104,9 +109,10 @@ def inspect(message: Any, max_bytes: int, now: datetime | None = None) -> Admitt
                 f"{SEND_HINT}"
             ),
         )
+    when = _When(now or datetime.now(UTC), max_eta_s)
     if "task" in headers:
-        return _check_v2(headers, body, task_id, now)
-    return _check_v1(headers, body, now)
+        return _check_v2(headers, body, task_id, when)
+    return _check_v1(headers, body, when)
 
 
 def undecodable(message: Any, exc: BaseException) -> Refused:
@@ -126,7 +132,7 @@ def usable_id(value: Any) -> str | None:
     return None
 
 
-def _check_v2(headers: dict[str, Any], body: Any, task_id: str | None, now: datetime | None) -> Admitted | Refused:
+def _check_v2(headers: dict[str, Any], body: Any, task_id: str | None, when: _When) -> Admitted | Refused:
     if task_id is None:
         return _no_id(headers.get("id"))
     name = headers["task"]
@@ -145,15 +151,15 @@ def _check_v2(headers: dict[str, Any], body: Any, task_id: str | None, now: date
         return Refused(task_id, InvalidJob(f"the body's embed (its third item) must be an object, not {_kind(embed)}"))
     try:
         job, call_kwargs = _call(args, kwargs)
-        expires = _times(headers, now)
+        expires = _times(headers, when)
     except VlmqError as exc:
-        return Refused(task_id, exc, _job_of(args, kwargs))
+        return Refused(task_id, exc, _job_of(args, kwargs), _attempts(headers))
     canvas = any((embed or {}).values())  # Celery's own producer sends the canvas keys with null values
     normal = [[job], call_kwargs, {} if canvas else embed or {}]
     return Admitted(task_id, _allowed(headers, task_id), normal, job, normal != body, expires)
 
 
-def _check_v1(headers: dict[str, Any], body: Any, now: datetime | None) -> Admitted | Refused:
+def _check_v1(headers: dict[str, Any], body: Any, when: _When) -> Admitted | Refused:
     if not isinstance(body, dict):
         return Refused(
             usable_id(headers.get("id")),
@@ -169,9 +175,9 @@ def _check_v1(headers: dict[str, Any], body: Any, now: datetime | None) -> Admit
         return Refused(task_id, _unknown_task(body.get("task")))
     try:
         job, call_kwargs = _call(body.get("args", []), body.get("kwargs", {}))
-        expires = _times(body, now)
+        expires = _times(body, when)
     except VlmqError as exc:
-        return Refused(task_id, exc, _job_of(body.get("args"), body.get("kwargs")))
+        return Refused(task_id, exc, _job_of(body.get("args"), body.get("kwargs")), _attempts(body))
     return Admitted(task_id, _allowed(body, task_id), [[job], call_kwargs, {}], job, True, expires)
 
 
@@ -232,20 +238,45 @@ def _call(args: Any, kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return args[0], kwargs
 
 
-def _times(headers: dict[str, Any], now: datetime | None) -> datetime | None:
+@dataclass(frozen=True)
+class _When:
+    now: datetime
+    max_eta_s: float | None  # the broker's visibility timeout
+
+
+def _times(headers: dict[str, Any], when: _When) -> datetime | None:
     """Checks `eta`, `retries` and `expires` as Celery would read them; returns the expiry. Raises `Expired` when
-    it has passed."""
+    it has passed, `InvalidJob` for an `eta` further ahead than the visibility timeout."""
     for name in ("eta", "expires"):
         value = headers.get(name)
         if value is not None and _instant(value) is None:
             raise InvalidJob(f"the message's {name} {value!r} is not an ISO 8601 time or a Unix timestamp")
     retries = headers.get("retries")
-    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+    if retries is not None and _count(retries) is None:
         raise InvalidJob(f"the message's retries {retries!r} is not a count")
     expires = _instant(headers.get("expires"))
-    if expires is not None and expires <= (now or datetime.now(UTC)):
+    if expires is not None and expires <= when.now:
         raise Expired(f"the message's Celery expires ({expires.isoformat()}) passed before a worker took it; not run")
+    eta = _instant(headers.get("eta"))
+    if eta is not None and when.max_eta_s is not None and (eta - when.now).total_seconds() > when.max_eta_s:
+        # A worker holds a message unacknowledged until its eta; Redis delivers one unacknowledged past the
+        # visibility timeout again, to a second worker, and each new copy would count as a crash.
+        raise InvalidJob(
+            f"the message's eta ({eta.isoformat()}) is {(eta - when.now).total_seconds():,.0f} s ahead, more than "
+            f"the broker's visibility timeout (VLMQ_VISIBILITY_TIMEOUT_S={when.max_eta_s:g}): Redis would deliver "
+            "it again while a worker holds it waiting. Send it at most that far ahead of its time (keep later jobs "
+            "on your side until then), or raise VLMQ_VISIBILITY_TIMEOUT_S on workers and producers alike"
+        )
     return expires
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _attempts(fields: dict[str, Any]) -> int:
+    """The attempt a refused message was: its Celery retries + 1 (a retry refused as expired was the second)."""
+    return (_count(fields.get("retries")) or 0) + 1
 
 
 def _instant(value: Any) -> datetime | None:

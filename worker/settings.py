@@ -142,7 +142,8 @@ class WorkerSettings(SharedSettings):
         120.0,
         gt=0,
         le=3600,
-        description="longest one whole http(s) download may take (redirects, connects and body together); "
+        description="longest one whole http(s) download may take (DNS lookups, redirects, connects, TLS handshakes, "
+        "response headers and body together); "
         "past it the job fails media_unavailable and is retried",
     )
     max_media_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest media object fetched, in bytes")

@@ -75,7 +75,9 @@ class Supervisor:
         env = {**self.env, "CUDA_VISIBLE_DEVICES": device}
         if env.get("VLMQ_DEVICE", "auto").startswith("cuda"):
             env["VLMQ_DEVICE"] = "cuda:0"  # each child sees one GPU
-        env.setdefault("VLMQ_WORKER_NAME", f"{socket.gethostname()}:gpu{gpu}")
+        # One name per child: Celery node names (vlmq-<name>@host) must differ, or the workers would answer for
+        # one another in `celery inspect` and Flower. A name given for the host gets the GPU appended.
+        env["VLMQ_WORKER_NAME"] = f"{self.env.get('VLMQ_WORKER_NAME') or socket.gethostname()}:gpu{gpu}"
         # The host's cores shared out: each GPU's worker gets its share minus its engine's core for preprocessing.
         env.setdefault("VLMQ_PREPROCESS_WORKERS", str(default_preprocess_workers(len(self.gpus))))
         if self.metrics_port:

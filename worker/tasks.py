@@ -74,6 +74,7 @@ class JobRun:
         self.payload = payload
         self.task_id = str(task.request.id)
         self.retries: int = task.request.retries
+        self.expires: datetime | None = None  # the message's Celery expires, which the gate took out of its headers
 
     def run(self, *, force: bool, redelivered: bool) -> dict[str, Any]:
         starts, succeeded_before = self.ledger.record_started(self.task_id, self.retries)
@@ -89,7 +90,7 @@ class JobRun:
         except InvalidJob as exc:
             log.warning("job %s refused: %s", self.task_id, exc.message)
             return self.end(self.pipeline.failed(self.task_id, exc, starts))
-        expires = self.deadlines.pop(self.task_id)
+        self.expires = expires = self.deadlines.pop(self.task_id)
         expired = expires is not None and expires <= datetime.now(UTC)
         decision = decide(
             start, max_crashes=self.settings.max_crashes, expired=expired, cancelled=self.batch_cancelled(job.batch)
@@ -171,7 +172,9 @@ class JobRun:
         self.pipeline.metrics.retries.labels(exc.code).inc()
         self.ledger.record_requeued(self.task_id)
         log.warning("job %s: %s; retry %d in %.1f s", self.task_id, exc.message, self.retries + 1, delay)
-        raise self.task.retry(exc=exc, countdown=delay)
+        # Celery's retry copies the request's `expires`, but the gate took it out of the headers Celery read (Celery
+        # would only revoke an expired job, with no result): hand it on, so the retry still ends `expired` once due.
+        raise self.task.retry(exc=exc, countdown=delay, expires=self.expires)  # type: ignore[arg-type]  # None: none
 
 
 def register_tasks(

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from producer.api import errors
 from producer.api.gate import Gate, Metrics
+from producer.api.limits import Limiter
 from producer.api.media import Stager
 from producer.api.settings import ApiSettings
 from producer.api.submitter import Submitter
@@ -91,17 +92,19 @@ def create_app(settings: ApiSettings | None = None, client: Client | None = None
     settings = settings or ApiSettings()
     client = client or Client(settings)
     shared = Services(settings, client, Stager(settings, client.s3), Waiter(client), Submitter(client))
+    limiter = Limiter(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         shared.submitter.close()
         await shared.waiter.close()
+        await limiter.close()
 
     app = FastAPI(title="vlmq", description=DESCRIPTION, version="0.1.0", lifespan=lifespan, redoc_url=None)
     app.state.services = shared
     metrics = Metrics()
-    app.add_middleware(Gate, settings=settings, metrics=metrics)
+    app.add_middleware(Gate, settings=settings, metrics=metrics, limiter=limiter)
     errors.install(app)
     _health_routes(app, metrics)
     for module in (jobs, batches, openai_chat, openai_files, openai_batches):

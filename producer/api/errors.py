@@ -121,6 +121,12 @@ def invalid(errors: list[Any], code: str = "invalid_request") -> ApiError:
     return ApiError(422, code, "; ".join(described) or "invalid request", param=first or None)
 
 
+def redis_unavailable(exc: redis.RedisError) -> ApiError:
+    """The answer when Redis cannot be reached (503: nothing was done)."""
+    message = f"Redis could not be reached ({type(exc).__name__}); nothing was done, try again"
+    return ApiError(503, "unavailable", message, headers={"Retry-After": "1"})
+
+
 def install(app: FastAPI) -> None:
     """Answer every error in the one shape."""
 
@@ -143,8 +149,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        message = f"Redis could not be reached ({type(exc).__name__}); nothing was done, try again"
-        return ApiError(503, "unavailable", message, headers={"Retry-After": "1"}).response()
+        return redis_unavailable(exc).response()
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

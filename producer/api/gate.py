@@ -1,8 +1,9 @@
 """The request gate, in front of every route: bearer key, per-key rate and concurrency limits, body caps, metrics.
 
 A pure ASGI middleware (no per-request task or body copy, unlike Starlette's BaseHTTPMiddleware). Order per request:
-metrics timer → open path? → key (401) → concurrency (429) → rate (429 with Retry-After) → route, whose body reads
-are counted against the path's cap (413 as soon as the cap is passed, whatever Content-Length said).
+metrics timer → open path? → key (401) → concurrency (429), then rate (429 with Retry-After), both in Redis and shared
+by every API process (`producer/api/limits.py`, one round trip) → route, whose body reads are counted against the
+path's cap (413 as soon as the cap is passed, whatever Content-Length said).
 
 Keys are compared with `hmac.compare_digest` against every configured key (the time taken does not say which one
 nearly matched) and are never logged or used as labels: a key is known by its position, `key-<n>`.
@@ -11,16 +12,15 @@ nearly matched) and are never logged or used as labels: a key is known by its po
 from __future__ import annotations
 
 import hmac
-import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
+import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producer.api.errors import ApiError
+from producer.api.errors import ApiError, redis_unavailable
+from producer.api.limits import Limiter, fingerprint
 from producer.api.settings import ApiSettings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
@@ -33,30 +33,6 @@ class BodyTooLarge(HTTPException):
     def __init__(self, limit: int, code: str) -> None:
         super().__init__(413, f"the request body is larger than {limit:,} bytes, the limit for this route")
         self.code = code
-
-
-@dataclass
-class TokenBucket:
-    """`rate` requests per second, `burst` at once; one per key."""
-
-    rate: float
-    burst: int
-    clock: Callable[[], float] = time.monotonic
-    tokens: float = field(init=False)
-    stamp: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tokens, self.stamp = float(self.burst), self.clock()
-
-    def take(self) -> float:
-        """0 when a request may go now, else the seconds until one may."""
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
 
 
 class Metrics:
@@ -89,20 +65,19 @@ class Metrics:
 class Gate:
     """The middleware; `settings.api_keys` empty means no authentication (only with the local-only flag)."""
 
-    def __init__(self, app: ASGIApp, settings: ApiSettings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: ApiSettings, metrics: Metrics, limiter: Limiter) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.limiter = limiter
         self.keys = [k.encode() for k in settings.api_keys]
-        self.buckets: dict[str, TokenBucket] = {}
-        self.in_flight: dict[str, int] = {}
-        media, body = settings.max_media_bytes, settings.max_body_bytes
-        # A data: URL is base64 (4 bytes per 3): a chat body may carry one full-size image and the rest.
+        # A key is `key-<n>` in metrics and messages, its fingerprint in Redis (the same in every replica).
+        self.fingerprints = {f"key-{n}": fingerprint(k) for n, k in enumerate(self.keys)} | {LOCAL_KEY: LOCAL_KEY}
         self.caps = {
-            "/media": (media, "media_too_large"),
+            "/media": (settings.max_media_bytes, "media_too_large"),
             "/v1/files": (settings.max_file_bytes + (1 << 16), "body_too_large"),
             "/manifests": (settings.max_file_bytes, "body_too_large"),
-            "/v1/chat/completions": (body + math.ceil(media * 4 / 3), "body_too_large"),
+            "/v1/chat/completions": (settings.chat_body_bytes, "body_too_large"),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -129,18 +104,29 @@ class Gate:
             await self.app(scope, receive, send)
             return
         try:
-            key = self._key(scope)
-            self._limit(key)
+            lease = await self.limiter.admit(self.fingerprints[self._key(scope)])
         except ApiError as exc:
             await exc.response()(scope, receive, send)
             return
-        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        except redis.RedisError as exc:
+            await redis_unavailable(exc).response()(scope, receive, send)
+            return
+        released = False
+
+        async def release_then_send(message: Message) -> None:
+            nonlocal released
+            if message["type"] == "http.response.body" and not message.get("more_body") and not released:
+                released = True  # the slot is free before the client can read the answer and send again
+                await self.limiter.release(lease)
+            await send(message)
+
         self.metrics.in_flight.inc()
         try:
-            await self._capped(scope, receive, send)
+            await self._capped(scope, receive, release_then_send)
         finally:
-            self.in_flight[key] -= 1
             self.metrics.in_flight.dec()
+            if not released:
+                await self.limiter.release(lease)
 
     def _key(self, scope: Scope) -> str:
         """The caller's key id (`key-<n>`), or 401."""
@@ -158,28 +144,6 @@ class Gate:
                 401, "unauthorized", f"{what}; send `Authorization: Bearer <key>` with a key from VLMQ_API_KEYS"
             )
         return found
-
-    def _limit(self, key: str) -> None:
-        if self.in_flight.get(key, 0) >= self.settings.max_concurrent_per_key:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"this key has {self.settings.max_concurrent_per_key} requests in flight, the most it may; "
-                "wait for one to finish",
-                headers={"Retry-After": "1"},
-            )
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = TokenBucket(self.settings.rate_limit_per_s, self.settings.rate_burst)
-        wait_s = bucket.take()
-        if wait_s:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"this key sends more than {self.settings.rate_limit_per_s:g} requests per second; "
-                f"retry after {wait_s:.2f} s",
-                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
-            )
 
     async def _capped(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the route with its body counted against the path's cap."""

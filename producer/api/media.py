@@ -19,6 +19,7 @@ from ipaddress import ip_address
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from boto3.s3.transfer import TransferConfig
 from starlette.concurrency import run_in_threadpool
 
 from producer.api.errors import ApiError
@@ -27,6 +28,10 @@ from producer.jobs import Job, MediaKind, split_s3_uri
 from producer.netguard import address_allowed, effective_address, parse_networks
 
 SPOOL_BYTES = 8 << 20
+# How uploads go to S3: boto3 holds up to 10 parts of 8 MiB of one upload in memory by default; 4 still overlap
+# reading the spool and sending. (max_in_memory_upload_chunks is s3transfer's; boto3's constructor does not take it.)
+UPLOAD = TransferConfig(multipart_chunksize=8 << 20, max_concurrency=4)
+UPLOAD.max_in_memory_upload_chunks = 4
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -112,7 +117,7 @@ class Stager:
     def _put(self, body: IO[bytes], kind: Sniffed) -> str:
         bucket = self.bucket()
         key = f"{self.settings.staging_prefix}media/{uuid.uuid4().hex}{kind.extension}"
-        self.s3.upload_fileobj(body, bucket, key, ExtraArgs={"ContentType": kind.content_type})
+        self.s3.upload_fileobj(body, bucket, key, ExtraArgs={"ContentType": kind.content_type}, Config=UPLOAD)
         return f"s3://{bucket}/{key}"
 
     async def data_url(self, url: str, param: str, kind: MediaKind) -> str:

@@ -6,7 +6,10 @@
     POST /v1/batches/{id}/cancel  requests not started end cancelled; the batch is `cancelling`, then `cancelled`
 
 Each input line becomes a chat job (`<batch id>.<line>`, its custom_id in the job's metadata); a line whose body
-breaks the contract (or names media the workers would refuse) never becomes a job and goes to the error file.
+breaks the contract (or names media the workers would refuse) never becomes a job and goes to the error file
+(`producer/api/openai_batch_input.py`). The input file is read from the staging bucket a line at a time, twice:
+once to count its lines, then to turn them into jobs, which are sent as they come, so the API process never holds
+the file.
 Status: `validating` while the lines become jobs (after the create request is answered; `failed`, with `errors`,
 when the file cannot be read or has more than 50,000 lines), `in_progress` while jobs run (`cancelling` once
 cancelled), `completed` (or `cancelled`) once every job has ended and the output and error files are written.
@@ -20,23 +23,23 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from producer.api.app import Services, services
-from producer.api.errors import ApiError, invalid
-from producer.api.openai_chat import ChatRequest, completion, to_job
+from producer.api.errors import ApiError
+from producer.api.openai_batch_input import ENDPOINT, Rejected, count_requests, jobs_of
+from producer.api.openai_chat import completion
 from producer.api.openai_files import Files
 from producer.jobs import Job, JobResult
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
-ENDPOINT = "/v1/chat/completions"
-MAX_LINES = 50_000
 BatchId = Annotated[str, Path(pattern=r"^batch_[A-Za-z0-9]{1,64}$")]
 
 
@@ -45,41 +48,6 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
-
-
-class Rejected(BaseModel):
-    """An input line that never became a job."""
-
-    line: int
-    custom_id: str | None
-    status: int = 400
-    error: dict[str, Any]
-
-
-def _rejected(line: int, custom_id: str | None, error: ApiError) -> Rejected:
-    return Rejected(line=line, custom_id=custom_id, status=error.status, error=error.body()["error"])
-
-
-async def _line(api: Services, batch_id: str, n: int, raw: bytes, seen: set[str]) -> Job | Rejected:
-    try:
-        request = json.loads(raw)
-    except ValueError as exc:
-        return _rejected(n, None, ApiError(400, "invalid_request", f"line {n} is not JSON ({exc})"))
-    custom_id = request.get("custom_id") if isinstance(request, dict) else None
-    if not isinstance(custom_id, str) or custom_id in seen:
-        why = "has no custom_id" if not isinstance(custom_id, str) else f"repeats custom_id {custom_id!r}"
-        return _rejected(n, None, ApiError(400, "invalid_request", f"line {n} {why}", param="custom_id"))
-    seen.add(custom_id)
-    if request.get("url") != ENDPOINT or request.get("method", "POST") != "POST":
-        return _rejected(n, custom_id, ApiError(400, "invalid_request", f"line {n}: url must be POST {ENDPOINT}"))
-    try:
-        chat = ChatRequest.model_validate(request.get("body"))
-        meta = {"custom_id": custom_id, "max_tokens": str(chat.max_new_tokens)}
-        return await to_job(chat, api.stager, f"{batch_id}.{n}", meta)
-    except ValidationError as exc:
-        return _rejected(n, custom_id, invalid(list(exc.errors()), code="invalid_job"))
-    except ApiError as exc:
-        return _rejected(n, custom_id, exc)
 
 
 def _error_line(line: Rejected) -> dict[str, Any]:
@@ -145,23 +113,31 @@ class OpenAIBatches:
         )
         self.redis.zadd(self.keys.openai_batches(), {batch_id: created})
 
-    def submit(self, batch_id: str, jobs: list[Job], rejected: list[Rejected]) -> None:
-        """Send the batch's jobs as the vlmq batch `batch_id`; a cancel that came while validating applies now."""
-        key = self.keys.openai_batch(batch_id)
-        self.redis.hset(
-            key,
-            mapping={"total": len(jobs) + len(rejected), "rejected": json.dumps([r.model_dump() for r in rejected])},
-        )
+    def count(self, batch_id: str, file_id: str) -> None:
+        """Read the input file once: refuse it when it has too many lines, else record how many requests it holds."""
+        requests = count_requests(self.files.lines(file_id, self.api.settings.chat_body_bytes))
+        self.redis.hset(self.keys.openai_batch(batch_id), "total", requests)
+
+    def submit(self, batch_id: str, jobs: Iterable[Job]) -> None:
+        """Send the batch's jobs as the vlmq batch `batch_id`, as they come; a cancel that came while validating
+        applies now."""
         self.api.client.submit_batch(batch_id, jobs, progress=False)
-        if self.redis.hexists(key, "cancel_requested_at"):
+        if self.redis.hexists(self.keys.openai_batch(batch_id), "cancel_requested_at"):
             self.api.client.batch(batch_id).cancel()
 
+    def reject(self, batch_id: str, rejected: list[Rejected]) -> None:
+        """Record the lines that never became jobs (before the batch's submission closes: its end reads them)."""
+        self.redis.hset(self.keys.openai_batch(batch_id), "rejected", json.dumps([r.model_dump() for r in rejected]))
+
     def fail(self, batch_id: str, error: ApiError) -> None:
-        """The batch could not start (its file is unreadable or too long): status `failed`, with the reason."""
+        """The batch could not start (its file is unreadable or too long): status `failed`, with the reason. Jobs
+        already sent (the file stopped being readable half-way) end `cancelled` unless a worker took them."""
         errors = {"object": "list", "data": [{"code": error.code, "message": error.message, "param": error.param}]}
         self.redis.hset(
             self.keys.openai_batch(batch_id), mapping={"failed_at": int(time.time()), "errors": json.dumps(errors)}
         )
+        if self.api.client.batch(batch_id).status().status != "unknown":
+            self.api.client.batch(batch_id).cancel()
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         self.record(batch_id)
@@ -285,23 +261,24 @@ async def _validate_and_send(api: Services, store: OpenAIBatches, batch_id: str,
     """Turn the input file's lines into jobs (a bad line becomes an error line) and send them; the request that
     created the batch has been answered (`validating`) already."""
     try:
-        lines = await run_in_threadpool(lambda: list(store.files.lines(file_id)))
-        if len(lines) > MAX_LINES:
-            raise ApiError(400, "invalid_request", f"more than {MAX_LINES:,} requests", param="input_file_id")
-        items: list[Job | Rejected] = []
-        seen: set[str] = set()
-        for n, raw in enumerate(lines, 1):
-            if raw.strip():
-                items.append(await _line(api, batch_id, n, raw, seen))
-            if n % 100 == 0:
-                await asyncio.sleep(0)  # let other requests in while a long file is read
-        jobs = [i for i in items if isinstance(i, Job)]
-        rejected = [i for i in items if isinstance(i, Rejected)]
-        await run_in_threadpool(store.submit, batch_id, jobs, rejected)
+        await run_in_threadpool(store.count, batch_id, file_id)
+        jobs = _jobs(store, batch_id, file_id, asyncio.get_running_loop())
+        # A thread of asyncio's own pool, not Starlette's: it waits on the loop, which stages data: URL images in
+        # Starlette's pool; were both the same, enough batches at once could hold every thread and wait for ever.
+        await asyncio.to_thread(store.submit, batch_id, jobs)
     except Exception as exc:
         log.exception("batch %s could not start", batch_id)
         error = exc if isinstance(exc, ApiError) else ApiError(500, "internal", f"{type(exc).__name__}: {exc}")
         await run_in_threadpool(store.fail, batch_id, error)
+
+
+def _jobs(store: OpenAIBatches, batch_id: str, file_id: str, loop: asyncio.AbstractEventLoop) -> Iterator[Job]:
+    """The batch's jobs from its input file, read in this thread; once the last line is read, the lines that never
+    became jobs are recorded (before the batch's submission closes, which lets it end)."""
+    rejected: list[Rejected] = []
+    lines = store.files.lines(file_id, store.api.settings.chat_body_bytes)
+    yield from jobs_of(store.api, batch_id, lines, loop, rejected)
+    store.reject(batch_id, rejected)
 
 
 @router.get("/batches/{batch_id}", summary="a batch")

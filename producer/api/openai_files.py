@@ -7,7 +7,9 @@
     DELETE /v1/files/{id}         delete a file
 
 A file is one S3 object, `<VLMQ_STAGING_PREFIX>files/<id>`; its name, purpose and creation time are the object's
-metadata, so nothing about files is kept in Redis.
+metadata, so nothing about files is kept in Redis. No file is ever held whole in the API process: an upload is
+spooled (past 1 MiB to the system's temporary directory, by Starlette's form parser) and sent to S3 a part at a time,
+and a batch reads its input file back a line at a time (`Files.lines`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from starlette.concurrency import run_in_threadpool
 
 from producer.api.app import Services, services
 from producer.api.errors import ApiError
+from producer.api.media import UPLOAD
 from producer.api.settings import ApiSettings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 FILE_ID = r"^file-[A-Za-z0-9_-]{1,100}$"
 FileId = Annotated[str, Path(pattern=FILE_ID)]
+READ_BYTES = 1 << 20  # what a batch reads of its input file at a time
 
 
 class Files:
@@ -52,7 +56,7 @@ class Files:
         if isinstance(body, bytes):
             self.s3.put_object(Bucket=bucket, Key=key, Body=body, Metadata=meta)
         else:
-            self.s3.upload_fileobj(body, bucket, key, ExtraArgs={"Metadata": meta})
+            self.s3.upload_fileobj(body, bucket, key, ExtraArgs={"Metadata": meta}, Config=UPLOAD)
         return self.get(file_id)
 
     def get(self, file_id: str) -> dict[str, Any]:
@@ -76,11 +80,28 @@ class Files:
             "status_details": None,
         }
 
-    def lines(self, file_id: str) -> Iterator[bytes]:
-        """The file's lines, streamed."""
+    def lines(self, file_id: str, most: int, read_bytes: int = READ_BYTES) -> Iterator[bytes | None]:
+        """The file's lines (with their line ends), read from S3 `read_bytes` at a time; None for a line longer than
+        `most` bytes, which is not kept (a line is held whole only up to `most`)."""
         self.get(file_id)
         bucket, key = self.key(file_id)
-        yield from self.s3.get_object(Bucket=bucket, Key=key)["Body"].iter_lines(keepends=True)
+        line, too_long = bytearray(), False
+        for chunk in self.s3.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(read_bytes):
+            start = 0
+            while start < len(chunk):
+                end = chunk.find(b"\n", start)
+                piece = chunk[start:] if end < 0 else chunk[start : end + 1]
+                too_long = too_long or len(line) + len(piece) > most
+                if too_long:
+                    line = bytearray()  # dropped: only its being too long is reported
+                else:
+                    line += piece
+                if end < 0:
+                    break
+                yield None if too_long else bytes(line)
+                line, too_long, start = bytearray(), False, end + 1
+        if line or too_long:
+            yield None if too_long else bytes(line)
 
     def newest(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` files."""

@@ -8,6 +8,7 @@ front door and the workers the same rules: a URL the workers would refuse is ref
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
@@ -37,9 +38,13 @@ class ApiSettings(SharedSettings):
     max_file_bytes: int = Field(200 << 20, ge=1, description="largest Batch API input file (POST /v1/files)")
     max_wait_s: float = Field(60.0, gt=0, le=3600, description="longest ?wait= a status request may long-poll")
     chat_timeout_s: float = Field(600.0, gt=0, description="how long /v1/chat/completions waits for its job")
-    rate_limit_per_s: float = Field(200.0, gt=0, description="requests per second per key (token bucket)")
+    rate_limit_per_s: float = Field(
+        200.0, gt=0, description="requests per second per key, all API processes together (token bucket)"
+    )
     rate_burst: int = Field(400, ge=1, description="requests a key may send at once before the rate applies")
-    max_concurrent_per_key: int = Field(64, ge=1, description="requests of one key in flight at once (429 past it)")
+    max_concurrent_per_key: int = Field(
+        64, ge=1, description="requests of one key in flight at once, all API processes together (429 past it)"
+    )
     allowed_buckets: list[str] = Field(default_factory=list, description="S3 buckets media may come from; empty = any")
     allow_http_media: bool = Field(False, description="accept https:// media URLs (the workers' setting)")
     allow_plain_http: bool = Field(False, description="with VLMQ_ALLOW_HTTP_MEDIA, also http:// (the workers')")
@@ -56,6 +61,11 @@ class ApiSettings(SharedSettings):
         if isinstance(value, list):
             return [str(k).strip() for k in value if str(k).strip()]
         return value
+
+    @property
+    def chat_body_bytes(self) -> int:
+        """The largest chat completion body: a JSON body and one full-size data: URL image (base64: 4 bytes per 3)."""
+        return self.max_body_bytes + math.ceil(self.max_media_bytes * 4 / 3)
 
     @property
     def bucket(self) -> str | None:

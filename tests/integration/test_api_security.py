@@ -196,7 +196,8 @@ def test_a_key_over_its_rate_is_429_with_retry_after_and_other_keys_are_not(modu
     assert refused.json()["error"]["code"] == "rate_limited"
     assert (busy.status_code, busy.headers["Retry-After"], busy.json()["error"]["code"]) == (429, "1", "rate_limited")
     assert (
-        busy.json()["error"]["message"] == "this key has 2 requests in flight, the most it may; wait for one to finish"
+        busy.json()["error"]["message"]
+        == "this key has 2 requests in flight, the most it may (across every API process); wait for one to finish"
     )
 
 

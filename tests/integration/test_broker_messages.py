@@ -17,41 +17,27 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from kombu import Connection
 
 from producer import Job
 from producer.broker import queue_lists
 from producer.results import ResultStore
 from tests.conftest import Stack
-from tests.helpers import ALLOWED_HOST, FAST_REDELIVERY, scrape, serve, supervise, upload_images
+from tests.helpers import (
+    ALLOWED_HOST,
+    FAST_REDELIVERY,
+    FirstBusy,
+    celery_call,
+    publish,
+    push_envelope,
+    scrape,
+    serve,
+    supervise,
+    upload_images,
+)
 from tests.reference import encode, random_image
 from worker.devtools.local_services import free_port
 
 MAX_MESSAGE_BYTES = 4096
-
-
-def publish(
-    stack: Stack, queue: str, body: bytes, headers: dict[str, Any], content_type: str = "application/json"
-) -> None:
-    """One message on `queue`, as any AMQP-style client would publish it: raw bytes, headers and a content type."""
-    with Connection(stack.redis.url) as connection:
-        connection.Producer().publish(
-            body,
-            exchange="",
-            routing_key=queue,
-            headers=headers,
-            content_type=content_type,
-            content_encoding="utf-8",
-        )
-
-
-def push_envelope(stack: Stack, queue: str, envelope: dict[str, Any]) -> None:
-    """A message written into kombu's Redis list by hand, as a client that speaks the Redis layout would."""
-    redis.Redis.from_url(stack.redis.url).lpush(queue, json.dumps(envelope))
-
-
-def celery_call(job: dict[str, Any], kwargs: Any = None, embed: Any = None) -> bytes:
-    return json.dumps([[job], {} if kwargs is None else kwargs, {} if embed is None else embed]).encode()
 
 
 def test_every_broker_message_ends_in_one_outcome_and_the_worker_carries_on(stack: Stack) -> None:
@@ -306,14 +292,3 @@ def test_a_foreign_job_without_submitted_at_still_expires_and_keeps_its_ttl_acro
     assert (expired.status, expired.error and expired.error.code, expired.attempts) == ("failed", "expired", 2)
     assert (ran.status, ran.attempts) == ("succeeded", 2)
     assert ran.timings.queued is not None and ran.timings.queued >= 1000  # from first seen, across the ≥1 s retry
-
-
-class FirstBusy(dict):  # type: ignore[type-arg]
-    """Routes whose first request for each path answers 503 (a busy media server), and the file after."""
-
-    asked: set[str]
-
-    def get(self, path: str, default: Any = None) -> Any:
-        first = path not in self.asked
-        self.asked.add(path)
-        return (503, {}, b"busy") if first else super().get(path, default)

@@ -1,11 +1,10 @@
-"""The HTTP API's pure parts: media sniffing, the rate limiter's token bucket, error bodies, key parsing."""
+"""The HTTP API's pure parts: media sniffing, error bodies, key parsing."""
 
 from __future__ import annotations
 
 import pytest
 
 from producer.api.errors import ApiError, invalid
-from producer.api.gate import TokenBucket
 from producer.api.media import sniff
 from producer.api.settings import ApiSettings
 from tests.reference import encode, make_clip, random_image
@@ -38,15 +37,6 @@ def test_videos_are_typed_by_their_first_bytes() -> None:
 @pytest.mark.parametrize("head", [b"", b"hello world", b"%PDF-1.7\n", b"<svg xmlns=", b"PK\x03\x04zip"])
 def test_anything_else_is_not_media(head: bytes) -> None:
     assert sniff(head) is None
-
-
-def test_the_token_bucket_allows_a_burst_then_the_rate() -> None:
-    now = [0.0]
-    bucket = TokenBucket(rate=2.0, burst=3, clock=lambda: now[0])
-    assert [bucket.take() for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
-    now[0] = 0.5  # one token back
-    assert bucket.take() == 0.0
-    assert bucket.take() == 0.5
 
 
 def test_errors_have_openais_shape_with_vlmqs_code() -> None:

@@ -179,6 +179,32 @@ def test_celery_expires_in_the_past_is_expired_and_a_future_one_is_taken_from_ce
     assert "expires" not in msg.headers  # Celery would only revoke it, with no result
 
 
+def test_an_eta_further_ahead_than_the_visibility_timeout_is_refused_and_a_nearer_one_admitted() -> None:
+    def at(seconds: float) -> Admitted | Refused:
+        eta = (NOW + timedelta(seconds=seconds)).isoformat()
+        return gate.inspect(message([[JOB], {}, {}], {**V2, "eta": eta}), 10_000, now=NOW, max_eta_s=900)
+
+    assert isinstance(at(900), Admitted)
+    far = at(901)
+    assert isinstance(far, Refused)
+    assert (far.task_id, far.error.code, far.attempts) == ("job-1", "invalid_job", 1)
+    assert far.error.message == (
+        "the message's eta (2026-11-30T12:15:01+00:00) is 901 s ahead, more than the broker's visibility timeout "
+        "(VLMQ_VISIBILITY_TIMEOUT_S=900): Redis would deliver it again while a worker holds it waiting. Send it at "
+        "most that far ahead of its time (keep later jobs on your side until then), or raise "
+        "VLMQ_VISIBILITY_TIMEOUT_S on workers and producers alike"
+    )
+    v1 = {"task": "vlmq.run", "id": "job-1", "args": [JOB], "eta": (NOW + timedelta(hours=2)).isoformat()}
+    refused = gate.inspect(message(v1, {}), 10_000, now=NOW, max_eta_s=900)
+    assert isinstance(refused, Refused) and refused.error.code == "invalid_job"
+
+
+def test_a_refused_retry_counts_its_earlier_attempts() -> None:
+    past = (NOW - timedelta(seconds=1)).isoformat()
+    refused = verdict(message([[JOB], {}, {}], {**V2, "expires": past, "retries": 2}))
+    assert isinstance(refused, Refused) and (refused.error.code, refused.attempts) == ("expired", 3)
+
+
 @pytest.mark.parametrize(
     ("headers", "words"),
     [

@@ -31,6 +31,8 @@ def every_key(keys: Keys) -> list[str]:
         keys.batch_events(),
         keys.openai_batch("batch_1"),
         keys.openai_batches(),
+        keys.api_tokens("0123456789abcdef"),
+        keys.api_in_flight("0123456789abcdef"),
     ]
 
 
@@ -54,6 +56,8 @@ TODAYS_KEYS = [
     "vlmq:batch-events",
     "vlmq:openai-batch:batch_1",
     "vlmq:openai-batches",
+    "vlmq:api-tokens:0123456789abcdef",
+    "vlmq:api-in-flight:0123456789abcdef",
 ]
 
 

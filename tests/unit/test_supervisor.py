@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from worker.settings import default_preprocess_workers, usable_cores
@@ -28,3 +29,21 @@ def test_each_gpu_worker_gets_its_share_of_the_cores_for_preprocessing(tmp_path:
     quota.write_text("max 100000\n")
     assert usable_cores(str(quota)) == cores
     assert usable_cores(str(tmp_path / "absent")) == cores
+
+
+def test_each_gpu_worker_gets_its_own_name_and_celery_node_name_also_with_worker_name_set() -> None:
+    from worker.app import _worker_argv
+    from worker.settings import WorkerSettings
+
+    def names(env: dict[str, str]) -> list[str]:
+        supervisor = Supervisor(["0", "1"], [], env=env)
+        return [supervisor.child_env(n, gpu)["VLMQ_WORKER_NAME"] for n, gpu in enumerate(supervisor.gpus)]
+
+    host = socket.gethostname()
+    assert names({}) == [f"{host}:gpu0", f"{host}:gpu1"]
+    assert names({"VLMQ_WORKER_NAME": "box"}) == ["box:gpu0", "box:gpu1"]
+    nodes = [_worker_argv(WorkerSettings(), name) for name in names({"VLMQ_WORKER_NAME": "box"})]
+    assert [next(a for a in argv if a.startswith("--hostname=")) for argv in nodes] == [
+        "--hostname=vlmq-box-gpu0@%h",
+        "--hostname=vlmq-box-gpu1@%h",
+    ]

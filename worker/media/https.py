@@ -10,8 +10,10 @@ A job names the URL, so without a guard any producer could make a worker read it
   verifies the certificate against the host name;
 - redirects are followed here, at most 5, each checked the same way;
 - the body is streamed and cut off past VLMQ_MAX_MEDIA_BYTES, whatever Content-Length says;
-- one download (redirects, connects and body together) gets VLMQ_HTTP_DEADLINE_S: VLMQ_HTTP_TIMEOUT_S bounds
-  each socket read, so without it a server sending a byte every few seconds would hold a task slot forever.
+- one download (name resolution, redirects, connects, TLS handshakes, response headers and body together) gets
+  VLMQ_HTTP_DEADLINE_S: VLMQ_HTTP_TIMEOUT_S bounds each socket read, so without it a server sending a byte every
+  few seconds (of its body, or of its headers) would hold a task slot forever, and so would a resolver that does
+  not answer (getaddrinfo has no timeout of its own).
 
 Any port is allowed: the address check, not the port, is what keeps internal services out.
 """
@@ -20,11 +22,19 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as LookupTimeout
+from contextlib import contextmanager, suppress
 from ipaddress import ip_address
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 
@@ -45,13 +55,82 @@ __all__ = ["HttpFetcher", "address_allowed", "is_public"]  # the address checks 
 MAX_REDIRECTS = 5
 DEFAULT_PORTS = {"http": 80, "https": 443}
 CHUNK_BYTES = 1 << 16
+Resolve = Callable[..., list[Any]]  # socket.getaddrinfo's signature
+
+
+class _Deadline(threading.local):
+    """When the download this thread is running must be over (a `time.monotonic()` instant; None: none running)."""
+
+    at: float | None = None
+
+
+_DEADLINE = _Deadline()
+
+
+@contextmanager
+def _watched(connection: Any) -> Iterator[None]:
+    """Shut the connection's socket down at the thread's download deadline: a read blocked in it wakes up at once
+    (end of stream) instead of after its whole read timeout, or never, when the server trickles its bytes."""
+    at = _DEADLINE.at
+    if at is None:
+        yield
+        return
+    timer = threading.Timer(max(0.0, at - time.monotonic()), _shut_down, (connection,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _shut_down(connection: Any) -> None:
+    sock = connection.sock  # during a TLS handshake, the plain socket under it: shutting it down ends the handshake
+    if sock is not None:
+        with suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watched:
+    """A urllib3 connection whose connect (the TLS handshake included) and wait for the response headers end at the
+    download deadline: http.client reads a status line and headers with one socket read after another, each allowed
+    the whole read timeout."""
+
+    def connect(self) -> None:
+        with _watched(self):
+            super().connect()  # type: ignore[misc]
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        with _watched(self):
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+
+
+class _DeadlineHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
 
 
 class HttpFetcher:
     """Reads http(s) media under the worker's settings. Thread-safe: one instance serves all task threads."""
 
-    def __init__(self, settings: WorkerSettings, ca_certs: str | None = CA_CERTS) -> None:
+    def __init__(
+        self, settings: WorkerSettings, ca_certs: str | None = CA_CERTS, resolve: Resolve = socket.getaddrinfo
+    ) -> None:
         self.settings = settings
+        self.resolve = resolve
+        # Lookups run here, so that a task thread waits for one no longer than its download's deadline.
+        self.lookups = ThreadPoolExecutor(max_workers=settings.in_flight, thread_name_prefix="vlmq-dns")
         self.networks = parse_networks(settings.http_allowed_networks)
         # Pools are keyed by (scheme, address, port, and for https the host name): the address is already checked.
         self.pools = urllib3.PoolManager(
@@ -62,19 +141,23 @@ class HttpFetcher:
             timeout=urllib3.Timeout(connect=settings.http_timeout_s, read=settings.http_timeout_s),
             retries=False,
         )
+        self.pools.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def fetch(self, uri: str) -> bytes:
         """The body of `uri`, following redirects; every refusal or failure is a coded `MediaError`."""
-        deadline = time.monotonic() + self.settings.http_deadline_s
-        url = uri
-        for _ in range(MAX_REDIRECTS + 1):
-            response = self._get(uri, url, deadline)
-            location = response.get_redirect_location()
-            if not location:
-                return self._read(uri, url, response, deadline)
-            _discard(response)
-            url = urljoin(url, location)
-        raise MediaForbidden(f"{uri}: too many redirects (more than {MAX_REDIRECTS})")
+        deadline = _DEADLINE.at = time.monotonic() + self.settings.http_deadline_s
+        try:
+            url = uri
+            for _ in range(MAX_REDIRECTS + 1):
+                response = self._get(uri, url, deadline)
+                location = response.get_redirect_location()
+                if not location:
+                    return self._read(uri, url, response, deadline)
+                _discard(response)
+                url = urljoin(url, location)
+            raise MediaForbidden(f"{uri}: too many redirects (more than {MAX_REDIRECTS})")
+        finally:
+            _DEADLINE.at = None
 
     def _get(self, uri: str, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
         where = uri if url == uri else f"{uri} redirects to {url}, and that"
@@ -89,7 +172,7 @@ class HttpFetcher:
             raise MediaNotFound(f"{where} is not a valid URL ({exc})") from None
         if not host:
             raise MediaNotFound(f"{where} names no host")
-        addresses = self._resolve(where, host, port)
+        addresses = self._resolve(where, host, port, deadline)
         scheme = parts.scheme.lower()
         # The Host header and the certificate carry the name; the connection goes to the checked address.
         headers = {"Host": (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")}
@@ -131,9 +214,17 @@ class HttpFetcher:
         if scheme == "http" and not self.settings.allow_plain_http:
             raise MediaForbidden(f"{where} is plain http; use https://, or set VLMQ_ALLOW_PLAIN_HTTP=true")
 
-    def _resolve(self, where: str, host: str, port: int) -> list[str]:
+    def _resolve(self, where: str, host: str, port: int, deadline: float) -> list[str]:
+        lookup = self.lookups.submit(self.resolve, host, port, type=socket.SOCK_STREAM)
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = lookup.result(timeout=self._time_left(where, deadline))
+        except LookupTimeout:
+            lookup.cancel()  # when still waiting for a thread; one already asking the resolver ends by itself
+            raise MediaUnavailable(
+                f"{where}: its host name {host} did not resolve within {self.settings.http_deadline_s:g} s, the "
+                "limit on one whole download (VLMQ_HTTP_DEADLINE_S): the DNS resolver is slow or not answering; "
+                "try again later, or put the object in S3 and send s3://bucket/key"
+            ) from None
         except socket.gaierror as exc:
             if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
                 raise MediaNotFound(f"{where} names a host that does not exist ({host})") from None

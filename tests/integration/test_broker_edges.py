@@ -1,0 +1,189 @@
+"""Edges of Celery's and kombu's Redis delivery, with real redis-server, SeaweedFS and worker processes: a message in
+gocelery's envelope held by a worker that is killed comes back to its queue (kombu's restore followed the envelope's
+own route, to `ae.undeliver`); an `eta` further ahead than the visibility timeout is refused at once rather than
+delivered again while it waits; a Celery retry keeps the message's `expires`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+from kombu.transport import redis as kombu_redis
+
+from tests.apiserver import module_stack
+from tests.conftest import Stack
+from tests.helpers import (
+    ALLOWED_HOST,
+    FAST_REDELIVERY,
+    FirstBusy,
+    MediaServer,
+    celery_call,
+    publish,
+    serve,
+    upload_images,
+)
+from tests.reference import encode, random_image
+from worker.consumer import VlmqChannel
+from worker.devtools.local_services import RedisServer
+
+__all__ = ["module_stack"]
+
+VISIBILITY_TIMEOUT_S = 20
+KILLS_ITS_WORKER = "held-when-killed"
+
+
+def gocelery_envelope(task_id: str, job: dict[str, Any]) -> dict[str, Any]:
+    """A task as gocelery writes it into kombu's Redis list: protocol 1 in the body, no headers, and the route
+    exchange `celery` / routing key `celery` whatever list it is pushed to."""
+    body = {"id": task_id, "task": "vlmq.run", "args": [job], "kwargs": {}, "retries": 0, "eta": None, "expires": None}
+    return {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-type": "application/json",
+        "properties": {
+            "body_encoding": "base64",
+            "correlation_id": task_id,
+            "reply_to": str(uuid.uuid4()),
+            "delivery_info": {"priority": 0, "routing_key": "celery", "exchange": "celery"},
+            "delivery_mode": 2,
+            "delivery_tag": str(uuid.uuid4()),
+        },
+        "content-encoding": "utf-8",
+    }
+
+
+def body_id(raw: bytes) -> str:
+    """The task id in a protocol 1 envelope's body, as stored in a list or in kombu's unacknowledged hash."""
+    envelope = json.loads(raw)
+    envelope = envelope[0] if isinstance(envelope, list) else envelope  # the hash holds [envelope, exchange, key]
+    return str(json.loads(base64.b64decode(envelope["body"]))["id"])
+
+
+def held(client: redis.Redis, task_id: str) -> list[Any]:
+    """kombu's unacknowledged entries ([envelope, exchange, routing key]) of the task."""
+    return [json.loads(raw) for raw in client.hvals("unacked") if body_id(raw) == task_id]  # type: ignore[union-attr]
+
+
+def test_a_gocelery_message_held_by_a_killed_worker_is_restored_to_its_queue_and_runs(stack: Stack) -> None:
+    [uri] = upload_images(stack, KILLS_ITS_WORKER, 1)
+    task_id = str(uuid.uuid4())
+    client = redis.Redis.from_url(stack.redis.url)
+    client.lpush(stack.queue, json.dumps(gocelery_envelope(task_id, {"media": [uri], "max_new_tokens": 4})))
+    doomed = stack.start_worker(env={**FAST_REDELIVERY, "VLMQ_FAULTS": json.dumps({"crash_on": KILLS_ITS_WORKER})})
+    doomed.proc.wait(timeout=120)  # SIGKILLed when the job started: the message is held, unacknowledged
+
+    [[envelope, exchange, routing_key]] = held(client, task_id)
+    assert (exchange, routing_key, envelope["headers"]) == ("", stack.queue, {})  # the route back to its own list
+    stack.start_worker(env=FAST_REDELIVERY)  # restores it after the visibility timeout, then runs it
+    result = stack.client().result(task_id, timeout=120)
+
+    assert (doomed.proc.returncode, result.status, result.attempts) == (-9, "succeeded", 2)
+    assert task_id not in [body_id(raw) for raw in client.lrange("ae.undeliver", 0, -1)]  # type: ignore[union-attr]
+
+
+class _Transport(kombu_redis.Transport):
+    Channel = VlmqChannel  # as `worker.consumer.tolerate_foreign_envelopes` makes it in a worker process
+
+
+@pytest.mark.parametrize("headers", ["absent", None, {}])
+def test_kombus_restore_puts_a_hand_written_envelope_back_on_the_list_it_came_from(
+    redis_server: RedisServer, headers: Any
+) -> None:
+    """kombu's own restore (the one a lost connection or a shutdown runs), on a real Redis: an envelope without
+    headers, with null headers (kombu's restore raised on it and dropped the message) or with gocelery's route."""
+    queue, task_id = f"q-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    envelope = gocelery_envelope(task_id, {"media": ["s3://b/a.png"]})
+    if headers != "absent":
+        envelope["headers"] = headers
+    client = redis.Redis.from_url(redis_server.url)
+    client.lpush(queue, json.dumps(envelope))
+    received: list[Any] = []
+    with Connection(redis_server.url, transport=_Transport) as connection:
+        channel = connection.default_channel
+        channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+        connection.drain_events(timeout=10)
+        assert len(held(client, task_id)) == 1
+        channel.qos.restore_unacked()
+
+    [back] = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]  # type: ignore[union-attr]
+    assert [m.headers for m in received] == [{}]
+    assert back["headers"] == {"redelivered": True}
+    assert back["properties"]["delivery_info"] == {
+        "priority": 0,
+        "routing_key": queue,
+        "exchange": "",
+        "redelivered": True,
+    }
+    assert back["body"] == envelope["body"]
+
+
+@pytest.fixture(scope="module")
+def media(module_stack: Stack) -> Iterator[MediaServer]:
+    """An http media server whose first answer for each path is 503 (retried), and a worker reading from it."""
+    png = encode(random_image(40, 30, seed=7), "PNG")
+    with serve(ALLOWED_HOST, {}) as server:
+        server.routes = routes = FirstBusy({"/a.png": (200, {}, png), "/b.png": (200, {}, png)})
+        routes.asked = set()
+        env = {
+            "VLMQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+            "VLMQ_RETRY_BACKOFF_S": "6",  # the first retry comes 3-6 s later
+            "VLMQ_RETRY_BACKOFF_MAX_S": "12",
+            "VLMQ_ALLOW_HTTP_MEDIA": "true",
+            "VLMQ_ALLOW_PLAIN_HTTP": "true",
+            "VLMQ_HTTP_ALLOWED_NETWORKS": json.dumps([f"{ALLOWED_HOST}/32"]),
+        }
+        module_stack.start_worker(env=env)
+        yield server
+
+
+def test_a_retry_keeps_the_messages_celery_expires(module_stack: Stack, media: MediaServer) -> None:
+    """Two jobs whose first fetch fails retryably (HTTP 503): the one whose Celery `expires` passes before its retry
+    ends `expired` on the retry without fetching again; the one with a later `expires` runs on its retry."""
+    base = f"http://{ALLOWED_HOST}:{media.server_address[1]}"
+    now = datetime.now(UTC)
+    short, long = str(uuid.uuid4()), str(uuid.uuid4())
+    for task_id, path, expires_s in ((short, "/a.png", 2.5), (long, "/b.png", 120)):
+        job = {"task": "caption", "media": [base + path], "max_new_tokens": 4}
+        expires = (now + timedelta(seconds=expires_s)).isoformat()
+        publish(
+            module_stack, module_stack.queue, celery_call(job), {"task": "vlmq.run", "id": task_id, "expires": expires}
+        )
+    client = module_stack.client()
+    expired, ran = client.result(short, timeout=60), client.result(long, timeout=60)
+
+    assert (expired.status, expired.error and expired.error.code, expired.attempts) == ("failed", "expired", 2)
+    assert (ran.status, ran.attempts) == ("succeeded", 2)
+    assert sorted(media.requests) == ["/a.png", "/b.png", "/b.png"]  # the expired retry fetched nothing
+
+
+def test_an_eta_beyond_the_visibility_timeout_is_refused_and_a_nearer_one_runs_once(
+    module_stack: Stack, media: MediaServer
+) -> None:
+    [uri] = upload_images(module_stack, "eta", 1)
+    job = {"task": "caption", "media": [uri], "max_new_tokens": 4}
+    now = datetime.now(UTC)
+    far, near = str(uuid.uuid4()), str(uuid.uuid4())
+    near_eta = now + timedelta(seconds=3)
+    for task_id, eta in ((far, now + timedelta(seconds=VISIBILITY_TIMEOUT_S + 40)), (near, near_eta)):
+        publish(
+            module_stack,
+            module_stack.queue,
+            celery_call(job),
+            {"task": "vlmq.run", "id": task_id, "eta": eta.isoformat()},
+        )
+    client = module_stack.client()
+    refused, ran = client.result(far, timeout=30), client.result(near, timeout=30)
+
+    assert (refused.status, refused.error and refused.error.code, refused.attempts) == ("failed", "invalid_job", 1)
+    assert "s ahead, more than the broker's visibility timeout (VLMQ_VISIBILITY_TIMEOUT_S=20)" in (
+        refused.error.message if refused.error else ""
+    )
+    assert (ran.status, ran.attempts) == ("succeeded", 1)
+    assert ran.finished_at >= near_eta
