@@ -42,7 +42,7 @@ def test_each_gpu_worker_gets_its_own_name_and_celery_node_name_also_with_worker
     host = socket.gethostname()
     assert names({}) == [f"{host}:gpu0", f"{host}:gpu1"]
     assert names({"VLMQ_WORKER_NAME": "box"}) == ["box:gpu0", "box:gpu1"]
-    nodes = [_worker_argv(WorkerSettings(), name) for name in names({"VLMQ_WORKER_NAME": "box"})]
+    nodes = [_worker_argv(WorkerSettings(), name, 16) for name in names({"VLMQ_WORKER_NAME": "box"})]
     assert [next(a for a in argv if a.startswith("--hostname=")) for argv in nodes] == [
         "--hostname=vlmq-box-gpu0@%h",
         "--hostname=vlmq-box-gpu1@%h",
