@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from producer.batch import BatchHandle, BatchStore
 from producer.cancel import cancel_queued
+from producer.endings import Endings
 from producer.errors import InvalidBatchName
 from producer.jobs import JOB_ID_PATTERN, Job, JobResult
 from producer.ledger import DeadLetter, Ledger
@@ -107,7 +108,12 @@ class Client:
 
     @cached_property
     def batches(self) -> BatchStore:
-        return BatchStore(self.ledger.redis, self.ledger.keys)
+        return self.endings.batches
+
+    @cached_property
+    def endings(self) -> Endings:
+        """How a job's end is recorded (producer/endings.py), for the jobs this client ends itself (cancel)."""
+        return Endings(self.result_store, self.ledger, self.settings.webhook_secret, self.celery.backend)
 
     def submit(
         self, job: Job | dict[str, Any], *, force: bool = False, priority: Priority = "interactive"
@@ -167,7 +173,7 @@ class Client:
         raw = self.ledger.redis.hget(self.ledger.payloads_key, job_id)
         if raw is None:
             return None
-        return cancel_queued(self, job_id, json.loads(raw))
+        return cancel_queued(self.endings, self.settings.queues, job_id, json.loads(raw))
 
     def send_json(self, job_id: str, payload: dict[str, Any], queue: str | None = None, force: bool = False) -> None:
         """Enqueue a job's JSON as it is, under `job_id` (for jobs validated before: dead letters, lost messages);

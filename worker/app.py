@@ -130,28 +130,28 @@ def _serve_health(settings: WorkerSettings, metrics: Metrics) -> Health:
 def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health: Health) -> Recovery:
     """Register the task, put the gate in front of Celery's consumer, and connect the start-up and shutdown signals;
     returns the lost-message recovery, started once the worker consumes."""
-    from worker.consumer import Intake, consumer_class, tolerate_foreign_envelopes
-    from worker.gate import Deadlines
+    from producer.endings import Endings
+    from worker.consumer import Intake, VlmqConsumer, tolerate_foreign_envelopes
     from worker.lifecycle import Finisher
     from worker.recovery import Recovery
-    from worker.tasks import refusal_recorder, register_tasks
+    from worker.tasks import RefusalRecorder, RunJob, Services
 
     app, ledger = clients.celery, clients.ledger
-    deadlines = Deadlines()
-    finisher = Finisher(clients.results, ledger, pipeline.metrics, settings.webhook_secret, app.backend)
+    finisher = Finisher(Endings(clients.results, ledger, settings.webhook_secret, app.backend), pipeline.metrics)
     finisher.recorder = pipeline.pool  # a job's end recorded in a preprocessing process, off the engine's
-    register_tasks(app, pipeline, ledger, finisher, deadlines, health.progressed)
+    services = Services(pipeline, ledger, finisher, progressed=health.progressed)
+    app.register_task(RunJob(services))
     intake = Intake(
         ledger,
-        refusal_recorder(pipeline, ledger, finisher),
+        RefusalRecorder(services),
         max_bytes=settings.max_message_bytes,
         max_crashes=settings.max_crashes,
         max_eta_s=settings.visibility_timeout_s,
         hooks=pipeline.hooks,
-        deadlines=deadlines,
+        deadlines=services.deadlines,
         progressed=health.progressed,
     )
-    app.conf.worker_consumer = consumer_class(intake)
+    app.conf.worker_consumer = VlmqConsumer.with_intake(intake)
     tolerate_foreign_envelopes()
 
     def send_again(job_id: str, payload: dict[str, Any], queue: str | None, force: bool) -> None:
@@ -162,7 +162,7 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
         send_again,
         settings.recover_interval_s,
         stored=clients.reader.peek,
-        ended=lambda job, result: finisher.finish(result, job, "stored"),
+        ended=lambda job, result: finisher.finish(result, job, write_s3=False),
     )
     waiting = _waiting_count(settings)
 

@@ -260,40 +260,44 @@ def tolerate_foreign_envelopes() -> None:
     kombu_redis.Transport.Channel = VlmqChannel
 
 
-def consumer_class(intake: Intake) -> type[Consumer]:
+class VlmqConsumer(Consumer):
     """Celery's consumer with the gate in front of its task handler, and a broken broker connection that fails to
-    close not stopping the worker."""
+    close not stopping the worker. The worker makes a subclass holding its `Intake` at start-up (`with_intake`):
+    Celery builds the consumer from the class it is given."""
 
-    class VlmqConsumer(Consumer):
-        def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], None]:
-            celery = super().create_task_handler(*args, **kwargs)
-            return lambda message: intake.receive(message, celery)
+    intake: Intake
 
-        def on_connection_error_after_connected(self, exc: Exception) -> None:
-            try:
-                super().on_connection_error_after_connected(exc)
-            except AttributeError as error:
-                # kombu 5.7 race, seen once in ~15 Redis restarts: closing the lost channel restores its unacked
-                # messages through a client it has already dropped ("'NoneType' object has no attribute
-                # 'hostname'"). Celery would call that unrecoverable and stop the worker with status 0. The
-                # messages stay in the unacknowledged hash and come back after the visibility timeout.
-                log.warning("closing the lost broker connection failed (%s); reconnecting anyway", error)
+    @classmethod
+    def with_intake(cls, intake: Intake) -> type[VlmqConsumer]:
+        return type(cls.__name__, (cls,), {"intake": intake})
 
-        # Past the gate these should not happen; if Celery still finds fault with a message, it ends as a refusal
-        # (one result) rather than Celery's log-and-drop.
-        def on_decode_error(self, message: Message, exc: Exception) -> None:
-            intake.undecodable(message, exc)
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], None]:
+        celery = super().create_task_handler(*args, **kwargs)
+        return lambda message: self.intake.receive(message, celery)
 
-        def on_invalid_task(self, body: Any, message: Message, exc: Exception) -> None:
-            intake.refuse(message, _refusal(message, f"Celery refused the message: {exc}"))
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as error:
+            # kombu 5.7 race, seen once in ~15 Redis restarts: closing the lost channel restores its unacked
+            # messages through a client it has already dropped ("'NoneType' object has no attribute
+            # 'hostname'"). Celery would call that unrecoverable and stop the worker with status 0. The
+            # messages stay in the unacknowledged hash and come back after the visibility timeout.
+            log.warning("closing the lost broker connection failed (%s); reconnecting anyway", error)
 
-        def on_unknown_message(self, body: Any, message: Message) -> None:
-            intake.refuse(message, _refusal(message, "Celery could not read the message as a task"))
+    # Past the gate these should not happen; if Celery still finds fault with a message, it ends as a refusal
+    # (one result) rather than Celery's log-and-drop.
+    def on_decode_error(self, message: Message, exc: Exception) -> None:
+        self.intake.undecodable(message, exc)
 
-        def on_unknown_task(self, body: Any, message: Message, exc: Exception) -> None:
-            intake.refuse(message, _refusal(message, f"unknown task: {exc}"))
+    def on_invalid_task(self, body: Any, message: Message, exc: Exception) -> None:
+        self.intake.refuse(message, _refusal(message, f"Celery refused the message: {exc}"))
 
-    return VlmqConsumer
+    def on_unknown_message(self, body: Any, message: Message) -> None:
+        self.intake.refuse(message, _refusal(message, "Celery could not read the message as a task"))
+
+    def on_unknown_task(self, body: Any, message: Message, exc: Exception) -> None:
+        self.intake.refuse(message, _refusal(message, f"unknown task: {exc}"))
 
 
 def _refusal(message: Message, why: str) -> Refused:

@@ -8,7 +8,8 @@ ever. The gate decides instead, for any bytes and headers:
 - `Admitted`: a `vlmq.run` call carrying one job, handed on to Celery in the shape it expects. Shapes other
   clients send are normalised: kwargs or embed `null` (celery-node), the job as the keyword argument `job`.
 - `Refused` with a task id: the message ends as a failed `JobResult` under that id (`invalid_job`, naming what
-  arrived and what was expected; `expired` for a Celery `expires` already past).
+  arrived and what was expected). A Celery `expires` is taken out of Celery's hands (it would only revoke the job,
+  with no result) and handed to the task, which ends the job `expired` if it is due (worker.lifecycle.decide).
 - `Refused` without one: nothing can carry a result, so the message goes to the dead letters.
 
 Nothing from a message is ever executed: only JSON is decoded, and only after its content type says JSON.
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from producer.jobs import TASK_NAME
-from worker.errors import Expired, InvalidJob, VlmqError
+from worker.errors import InvalidJob, VlmqError
 
 MAX_ID_CHARS = 256
 JSON = "application/json"
@@ -245,8 +246,8 @@ class _When:
 
 
 def _times(headers: dict[str, Any], when: _When) -> datetime | None:
-    """Checks `eta`, `retries` and `expires` as Celery would read them; returns the expiry. Raises `Expired` when
-    it has passed, `InvalidJob` for an `eta` further ahead than the visibility timeout."""
+    """Checks `eta`, `retries` and `expires` as Celery would read them; returns the expiry. Raises `InvalidJob` for
+    one that cannot be read, or an `eta` further ahead than the visibility timeout."""
     for name in ("eta", "expires"):
         value = headers.get(name)
         if value is not None and _instant(value) is None:
@@ -254,9 +255,7 @@ def _times(headers: dict[str, Any], when: _When) -> datetime | None:
     retries = headers.get("retries")
     if retries is not None and _count(retries) is None:
         raise InvalidJob(f"the message's retries {retries!r} is not a count")
-    expires = _instant(headers.get("expires"))
-    if expires is not None and expires <= when.now:
-        raise Expired(f"the message's Celery expires ({expires.isoformat()}) passed before a worker took it; not run")
+    expires = _instant(headers.get("expires"))  # decided on when the job starts (worker.lifecycle.decide)
     eta = _instant(headers.get("eta"))
     if eta is not None and when.max_eta_s is not None and (eta - when.now).total_seconds() > when.max_eta_s:
         # A worker holds a message unacknowledged until its eta; Redis delivers one unacknowledged past the
@@ -275,7 +274,7 @@ def _count(value: Any) -> int | None:
 
 
 def _attempts(fields: dict[str, Any]) -> int:
-    """The attempt a refused message was: its Celery retries + 1 (a retry refused as expired was the second)."""
+    """The attempt a refused message was: its Celery retries + 1 (a refused retry was at least the second)."""
     return (_count(fields.get("retries")) or 0) + 1
 
 

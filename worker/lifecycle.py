@@ -4,16 +4,12 @@ Delivery is at least once (late acks: a worker killed mid-job leaves the message
 that turn that into one terminal result per job are pure functions here (unit-tested over every case):
 
 - `Start.may_have_finished`: look for a stored success before running (the S3 result is the commit point);
-- `decide`: run the job, or end it `expired`, `cancelled`, or dead-lettered `worker_lost` without running;
+- `decide`: run the job, or end it `expired` (its `Deadline` passed), `cancelled`, or dead-lettered `worker_lost`
+  without running;
 - `retry_delay`: exponential backoff with equal jitter.
 
-`Finisher.finish` is the one way any ending is recorded. The endings differ on purpose:
-
-| ending    | S3 write | Celery backend        | metrics | dead letters        | ledger + batch count |
-|-----------|----------|-----------------------|---------|---------------------|----------------------|
-| `ran`     | yes      | the task returns it   | yes     | if retries ran out  | yes                  |
-| `stored`  | no: it is the stored result | returned | no: counted when it ran | no  | yes                  |
-| `refused` | yes      | stored here (no task) | yes     | if `worker_lost`    | yes                  |
+`Finisher.finish` is how a worker records any ending: producer/endings.py's one path (which `Client.cancel` takes
+too), plus the worker's metrics.
 """
 
 from __future__ import annotations
@@ -23,23 +19,20 @@ import random
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
-import redis
 from celery.utils.time import get_exponential_backoff_interval
 
-from producer.batch import BatchStore, JobState
+from producer.endings import Endings
 from producer.errors import ResultWriteError
 from producer.jobs import JobResult
-from producer.ledger import Ledger
-from producer.results import ResultStore
 from worker.errors import ResultWriteFailed, VlmqError
 from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 Decision = Literal["run", "expired", "cancelled", "dead"]
-Ending = Literal["ran", "stored", "refused"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +58,32 @@ class Start:
         return (self.redelivered or self.succeeded_before or self.crashes > 0) and not self.force
 
 
-def decide(start: Start, *, max_crashes: int, expired: bool, cancelled: bool) -> Decision:
-    """What to do with a valid job that has no stored success."""
-    if expired:
+@dataclass(frozen=True)
+class Deadline:
+    """When a job stops being worth running: its message's Celery `expires`, and its time to live (`ttl_s`, or
+    VLMQ_JOB_TTL_S) counted from its submission (for another client's job, from when a worker first saw it)."""
+
+    expires: datetime | None = None
+    submitted_at: datetime | None = None
+    ttl_s: float | None = None
+
+    def passed(self, now: datetime) -> str | None:
+        """Why the job is too late to run at `now` (the `expired` error's message), or None."""
+        if self.expires is not None and self.expires <= now:
+            return f"the message's Celery expires ({self.expires.isoformat()}) passed before it started; it was not run"
+        if self.submitted_at is not None and self.ttl_s is not None:
+            waited = (now - self.submitted_at).total_seconds()
+            if waited > self.ttl_s:
+                return (
+                    f"the job was taken {waited:,.1f} s after it was submitted, past its time to live of "
+                    f"{self.ttl_s:g} s (ttl_s or VLMQ_JOB_TTL_S); it was not run. Submit it again if it is still wanted"
+                )
+        return None
+
+
+def decide(start: Start, *, max_crashes: int, deadline: Deadline, now: datetime, cancelled: bool) -> Decision:
+    """What to do with a valid job that has no stored success: the one place a job's expiry is decided."""
+    if deadline.passed(now) is not None:
         return "expired"
     if cancelled:
         return "cancelled"
@@ -95,40 +111,32 @@ class Recorder(Protocol):
 
 
 class Finisher:
-    """Records a job's end, whichever way it ended (see the module's table)."""
+    """A worker's way of recording a job's end (producer/endings.py, the one path every ending takes), with its
+    metrics, and off the engine's process when it can (`recorder`: the preprocessing pool)."""
 
-    def __init__(
-        self,
-        results: ResultStore,
-        ledger: Ledger,
-        metrics: Metrics,
-        webhook_secret: str | None = None,
-        backend: Any = None,
-    ) -> None:
-        self.results = results
-        self.ledger = ledger
-        self.batches = BatchStore(ledger.redis, ledger.keys)
+    def __init__(self, endings: Endings, metrics: Metrics) -> None:
+        self.endings = endings
+        self.batches = endings.batches
         self.metrics = metrics
-        self.webhook_secret = webhook_secret
-        self.backend = backend  # Celery's result backend, for refusals
         self.recorder: Recorder | None = None  # the preprocessing pool, when the worker has one
 
     def finish(
         self,
         result: JobResult,
         job: Any,
-        ending: Ending,
         *,
+        write_s3: bool = True,
+        to_backend: bool = False,
         dead: bool = False,
         write_failed: Callable[[ResultWriteFailed], None] = lambda exc: None,
     ) -> None:
-        """Record `result` as the end of `job` (its JSON, for the dead letters and its batch's count).
+        """Record `result` as the end of `job` (`Endings.record`'s arguments) and count it, unless it is a stored
+        result (`write_s3=False`), counted when it ran.
 
-        `write_failed` sees an S3 write that failed before anything else is recorded (it may raise Celery's Retry);
-        if it returns, the result stays in Redis only. A job that ran is recorded by a preprocessing process when
-        the worker has them (`recorder`): its S3 write and Redis calls are then off the engine's process.
+        A result a task returns (no `to_backend`) is recorded by a preprocessing process when the worker has them:
+        its S3 write and Redis calls are then off the engine's process.
         """
-        if ending == "ran" and self.recorder is not None:
+        if write_s3 and not to_backend and self.recorder is not None:
             try:
                 failed = self.recorder.record(result, job, dead).result()
             except Exception as exc:  # the pool could not record it (shut down, a process died): record it here
@@ -137,46 +145,26 @@ class Finisher:
                 if failed is not None:
                     write_failed(failed)
                     log.error("job %s: %s; its result is in Redis only", result.id, failed.message)
-                    self.record(result, job, "stored", dead=dead)  # the rest of it, without the S3 write
+                    self.endings.record(result, job, write_s3=False, dead=dead)  # the rest of it
                 self.metrics.finished(result)
                 return
-        self.record(result, job, ending, dead=dead, write_failed=write_failed)
-        if ending != "stored":
+        self.record(result, job, write_s3=write_s3, to_backend=to_backend, dead=dead, write_failed=write_failed)
+        if write_s3:
             self.metrics.finished(result)
 
     def record(
         self,
         result: JobResult,
         job: Any,
-        ending: Ending,
         *,
+        write_s3: bool = True,
+        to_backend: bool = False,
         dead: bool = False,
         write_failed: Callable[[ResultWriteFailed], None] = lambda exc: None,
     ) -> None:
-        """`finish` without the metrics (in a preprocessing process, whose metrics nobody reads)."""
-        if ending != "stored":
-            try:
-                self.results.write(result)
-            except ResultWriteError as error:  # the store's error; the job's is `result_write_failed` (retryable)
-                exc = ResultWriteFailed(str(error))
-                write_failed(exc)
-                log.error("job %s: %s; its result is in Redis only", result.id, exc.message)
-        if ending == "refused" and self.backend is not None:
-            self.backend.store_result(result.id, result.model_dump(mode="json"), "SUCCESS")
-        if dead:
-            self.ledger.dead_letter(job if isinstance(job, dict) else {}, result)
-        self.ledger.record_finished(result)
-        self.count_in_batch(job, result)
+        """`Endings.record`, a failed S3 write seen as the job's `ResultWriteFailed` (retryable)."""
 
-    def count_in_batch(self, job: Any, result: JobResult) -> None:
-        """Count the job's end in its batch (if it has one); the call that ends the batch announces it."""
-        batch = job.get("batch") if isinstance(job, dict) else None
-        if not isinstance(batch, str):
-            return
-        code = result.error.code if result.error else None
-        state: JobState = "succeeded" if result.ok else "cancelled" if code == "cancelled" else "failed"
-        try:
-            if self.batches.record_finished(batch, result.id, state, job if state == "failed" else None):
-                self.batches.announce(batch, self.webhook_secret)
-        except redis.RedisError as exc:
-            log.error("job %s: could not count its end in batch %s (%s)", result.id, batch, exc)
+        def failed(error: ResultWriteError) -> None:
+            write_failed(ResultWriteFailed(str(error)))
+
+        self.endings.record(result, job, write_s3=write_s3, to_backend=to_backend, dead=dead, write_failed=failed)

@@ -22,7 +22,7 @@ from producer.jobs import Job, JobResult, Timings, Usage, describe_invalid
 from producer.results import ResultStore
 from worker.batcher import Incoming
 from worker.engines import Engine, preparation, start_engine
-from worker.errors import DecodeHung, Expired, InvalidJob, VlmqError
+from worker.errors import DecodeHung, InvalidJob, VlmqError
 from worker.hooks import Hooks
 from worker.metrics import Metrics
 from worker.pool import PreprocessPool
@@ -125,12 +125,6 @@ class Pipeline:
         if job.submitted_at is not None:
             queued_ms = max(0.0, (datetime.now(UTC) - job.submitted_at).total_seconds() * 1000)
             self.metrics.queue_wait.observe(queued_ms / 1000)
-            ttl = job.ttl_s or self.settings.job_ttl_s
-            if ttl is not None and queued_ms / 1000 > ttl:
-                raise Expired(
-                    f"the job was taken {queued_ms / 1000:,.1f} s after it was submitted, past its time to live of "
-                    f"{ttl:g} s (ttl_s or VLMQ_JOB_TTL_S); it was not run. Submit it again if it is still wanted"
-                )
         started = time.perf_counter()
         with self.incoming.job():  # the engine's batcher waits for batch-mates only while jobs are on their way
             request = self._prepare(job)

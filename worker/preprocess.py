@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from producer.endings import Endings
 from producer.jobs import Job, JobResult
 from producer.ledger import Ledger
 from producer.results import ResultStore
@@ -176,7 +177,8 @@ def _preprocessor(settings: WorkerSettings, preparation: Preparation, hooks: Hoo
     from producer.storage import make_s3_client
 
     s3 = make_s3_client(settings, max_connections=JOBS_PER_PROCESS + 2)
-    finisher = Finisher(ResultStore(s3, settings), Ledger(settings), Metrics(), settings.webhook_secret)
+    endings = Endings(ResultStore(s3, settings), Ledger(settings), settings.webhook_secret)
+    finisher = Finisher(endings, Metrics())
     return Preprocessor(settings, s3, preparation.build(), hooks), finisher
 
 
@@ -185,7 +187,7 @@ def _record(finisher: Finisher, result: JobResult, job: Any, dead: bool) -> Resu
         raise exc
 
     try:
-        finisher.record(result, job, "ran", dead=dead, write_failed=stop)
+        finisher.record(result, job, dead=dead, write_failed=stop)
     except ResultWriteFailed as exc:  # nothing else was recorded: the engine process decides (retry, or go on)
         return exc
     return None

@@ -1,5 +1,8 @@
 """The Celery task `vlmq.run`, a thin shim over the job lifecycle (worker/lifecycle.py): one job per task, so
-acks, retries and results stay per job. Also how the gate's refusals end (`refusal_recorder`).
+acks, retries and results stay per job. Also how the gate's refusals end (`RefusalRecorder`).
+
+Both are module-level classes whose dependencies are handed over when the worker starts (worker/app.py), as arq's
+`Worker(functions=...)` takes its functions.
 """
 
 from __future__ import annotations
@@ -8,12 +11,13 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
-from celery import Celery, Task
+from celery import Task
 from celery.exceptions import Retry
 
 from producer.jobs import TASK_NAME, Job, JobResult
@@ -21,56 +25,94 @@ from producer.ledger import Ledger
 from worker.errors import Cancelled, Expired, InvalidJob, VlmqError, WorkerLost
 from worker.gate import Deadlines, Refused
 from worker.isolation import Isolation
-from worker.lifecycle import Finisher, Start, decide, retries_left, retry_delay
+from worker.lifecycle import Deadline, Finisher, Start, decide, retries_left, retry_delay
 from worker.pipeline import Pipeline, parse_job
 
 log = logging.getLogger(__name__)
 
 
-def refusal_recorder(
-    pipeline: Pipeline, ledger: Ledger, finisher: Finisher
-) -> Callable[[Refused, dict[str, Any]], None]:
-    """How the gate's refusals end: a failed result under the message's task id (the `refused` ending), or, with
-    no usable id, a dead letter holding a copy of the message. A pickle or other non-JSON body is never decoded."""
+@dataclass
+class Services:
+    """What a job's run needs from its worker process, handed to the task and the gate's refusals at start-up."""
 
-    def record(refusal: Refused, message: dict[str, Any]) -> None:
+    pipeline: Pipeline
+    ledger: Ledger
+    finisher: Finisher
+    deadlines: Deadlines = field(default_factory=Deadlines)  # the Celery `expires` the gate took from messages
+    progressed: Callable[[], None] = lambda: None  # told when a job starts and when it ends (liveness)
+    isolation: Isolation = field(default_factory=Isolation)
+
+
+class RunJob(Task):
+    """`vlmq.run`: run one job; always returns a JobResult (as JSON), `failed` with a coded error when it fails.
+
+    `force=True` runs a job again even if a result of an earlier success is stored.
+    """
+
+    name = TASK_NAME
+    acks_late = True
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.max_retries = services.pipeline.settings.max_retries
+
+    def run(self, payload: Any, force: bool = False) -> dict[str, Any]:
+        s = self.services
+        task_id = str(self.request.id)
+        # A redelivered message whose job was started more often than its retries explain was running when a worker
+        # died: it runs alone this time, so that if it is what kills workers it takes no neighbour with it.
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        suspect = redelivered and s.ledger.record_taken(task_id) > self.request.retries
+        s.progressed()
+        try:
+            with s.isolation.alone() if suspect else s.isolation.shared():
+                return JobRun(self, s, payload).run(force=force, redelivered=redelivered)
+        finally:
+            s.progressed()
+
+
+class RefusalRecorder:
+    """How the gate's refusals end: a failed result under the message's task id (stored in Celery's backend too: no
+    task returns it), or, with no usable id, a dead letter holding a copy of the message. A pickle or other non-JSON
+    body is never decoded."""
+
+    def __init__(self, services: Services) -> None:
+        self.pipeline, self.ledger, self.finisher = services.pipeline, services.ledger, services.finisher
+
+    def __call__(self, refusal: Refused, message: dict[str, Any]) -> None:
         if refusal.task_id is None:
-            result = pipeline.failed(f"message:{uuid.uuid4()}", refusal.error, attempts=1)
-            kept = ledger.dead_letter_message(message, result)
+            result = self.pipeline.failed(f"message:{uuid.uuid4()}", refusal.error, attempts=1)
+            kept = self.ledger.dead_letter_message(message, result)
             log.error(
                 "message without a usable task id %s: %s (headers %.200s)",
                 f"kept in the dead letters as {result.id}" if kept else "dropped: the dead letters are full",
                 refusal.error.message,
                 message["headers"],
             )
-            pipeline.metrics.finished(result)
+            self.pipeline.metrics.finished(result)
             return
-        if ledger.has_succeeded(refusal.task_id):  # a copy put back after its job succeeded: keep the success
+        if self.ledger.has_succeeded(refusal.task_id):  # a copy put back after its job succeeded: keep the success
             log.info("message %s refused, but its job already succeeded; keeping the success", refusal.task_id)
             return
         job = refusal.job or {}
         metadata = job.get("metadata")
         if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
             metadata = None
-        result = pipeline.failed(refusal.task_id, refusal.error, refusal.attempts, metadata)
+        result = self.pipeline.failed(refusal.task_id, refusal.error, refusal.attempts, metadata)
         log.warning("job %s refused: %s: %s", result.id, refusal.error.code, refusal.error.message)
-        finisher.finish(result, job, "refused", dead=isinstance(refusal.error, WorkerLost))
-
-    return record
+        self.finisher.finish(result, job, to_backend=True, dead=isinstance(refusal.error, WorkerLost))
 
 
 class JobRun:
     """One start of one job's message: from the lifecycle's decisions to its recorded end."""
 
-    def __init__(
-        self, task: Task, pipeline: Pipeline, ledger: Ledger, finisher: Finisher, deadlines: Deadlines, payload: Any
-    ) -> None:
+    def __init__(self, task: Task, services: Services, payload: Any) -> None:
         self.task = task
-        self.pipeline = pipeline
-        self.settings = pipeline.settings
-        self.ledger = ledger
-        self.finisher = finisher
-        self.deadlines = deadlines
+        self.pipeline = services.pipeline
+        self.settings = services.pipeline.settings
+        self.ledger = services.ledger
+        self.finisher = services.finisher
+        self.deadlines = services.deadlines
         self.payload = payload
         self.task_id = str(task.request.id)
         self.retries: int = task.request.retries
@@ -83,20 +125,22 @@ class JobRun:
             stored = self.stored_success()
             if stored is not None:
                 log.info("job %s already succeeded; returning its stored result", self.task_id)
-                self.finisher.finish(stored, self.payload, "stored")
+                self.finisher.finish(stored, self.payload, write_s3=False)
                 return stored.model_dump(mode="json")
         try:
             job = parse_job(self.payload, self.task_id)
         except InvalidJob as exc:
             log.warning("job %s refused: %s", self.task_id, exc.message)
             return self.end(self.pipeline.failed(self.task_id, exc, starts))
-        self.expires = expires = self.deadlines.pop(self.task_id)
-        expired = expires is not None and expires <= datetime.now(UTC)
+        self.expires = self.deadlines.pop(self.task_id)
+        deadline = Deadline(self.expires, job.submitted_at, job.ttl_s or self.settings.job_ttl_s)
+        now = datetime.now(UTC)
+        in_cancelled_batch = self.batch_cancelled(job.batch)
         decision = decide(
-            start, max_crashes=self.settings.max_crashes, expired=expired, cancelled=self.batch_cancelled(job.batch)
+            start, max_crashes=self.settings.max_crashes, deadline=deadline, now=now, cancelled=in_cancelled_batch
         )
         if decision == "expired":
-            late = Expired(f"the message's Celery expires ({expires and expires.isoformat()}) passed before it started")
+            late = Expired(deadline.passed(now) or "its deadline passed before it started")
             return self.end(self.pipeline.failed(job.id, late, starts, job.metadata))
         if decision == "cancelled":
             cancelled = Cancelled(f"batch {job.batch} was cancelled before this job started")
@@ -136,7 +180,7 @@ class JobRun:
         return self.end(result, dead=dead)
 
     def end(self, result: JobResult, dead: bool = False) -> dict[str, Any]:
-        self.finisher.finish(result, self.payload, "ran", dead=dead, write_failed=self.retry_later)
+        self.finisher.finish(result, self.payload, dead=dead, write_failed=self.retry_later)
         code = f" {result.error.code}" if result.error else ""
         log.info("job %s finished: %s%s, attempt %d", result.id, result.status, code, result.attempts)
         return result.model_dump(mode="json")
@@ -175,39 +219,3 @@ class JobRun:
         # Celery's retry copies the request's `expires`, but the gate took it out of the headers Celery read (Celery
         # would only revoke an expired job, with no result): hand it on, so the retry still ends `expired` once due.
         raise self.task.retry(exc=exc, countdown=delay, expires=self.expires)  # type: ignore[arg-type]  # None: none
-
-
-def register_tasks(
-    app: Celery,
-    pipeline: Pipeline,
-    ledger: Ledger,
-    finisher: Finisher,
-    deadlines: Deadlines | None = None,
-    progressed: Callable[[], None] = lambda: None,
-) -> None:
-    """Register `vlmq.run` on `app`, bound to this process's pipeline.
-
-    `deadlines` holds the Celery `expires` the gate took from messages; `progressed` is told when a job starts and
-    when it ends (liveness).
-    """
-    deadlines = deadlines or Deadlines()
-    isolation = Isolation()
-
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=pipeline.settings.max_retries)
-    def run(self: Task, payload: Any, force: bool = False) -> dict[str, Any]:
-        """Run one job; always returns a JobResult (as JSON), `failed` with a coded error when it fails.
-
-        `force=True` runs a job again even if a result of an earlier success is stored.
-        """
-        task_id = str(self.request.id)
-        # A redelivered message whose job was started more often than its retries explain was running when a worker
-        # died: it runs alone this time, so that if it is what kills workers it takes no neighbour with it.
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        suspect = redelivered and ledger.record_taken(task_id) > self.request.retries
-        progressed()
-        try:
-            with isolation.alone() if suspect else isolation.shared():
-                job_run = JobRun(self, pipeline, ledger, finisher, deadlines, payload)
-                return job_run.run(force=force, redelivered=redelivered)
-        finally:
-            progressed()

@@ -236,3 +236,26 @@ def test_a_malformed_manifest_names_each_bad_line_and_enqueues_nothing(stack: St
         "line 3:",
         "line 4:",
     ]
+
+
+def test_cancelling_the_last_open_job_of_a_batch_ends_the_batch_and_calls_its_webhook_once(stack: Stack) -> None:
+    upload_prefix(stack, "last", 2, corrupt=set())
+    client = stack.client()
+    jobs = [Job(media=[f"s3://{MEDIA_BUCKET}/last/{i:03d}.png"], max_new_tokens=2) for i in range(2)]
+    with webhook_server() as (url, received):
+        client.submit_batch("last-cancelled", jobs, webhook=url, progress=False)
+        first = client.cancel(jobs[0].id)
+        assert client.batch("last-cancelled").status().status == "running"
+        last = client.cancel(jobs[1].id)  # no worker ever ran: every end is a cancel
+        wait_until(lambda: len(received) == 1, 30, "the webhook")
+        status = client.batch("last-cancelled").status()
+
+    assert [r and (r.status, r.error and r.error.code) for r in (first, last)] == [("failed", "cancelled")] * 2
+    assert (status.status, status.total, status.cancelled, status.queued) == ("cancelled", 2, 2, 0)
+    event = json.loads(received[0][1])
+    assert (event["event"], event["batch"]["name"], event["batch"]["cancelled"]) == ("batch.ended", "last-cancelled", 2)
+    assert [r.error and r.error.code for r in client.collect([j.id for j in jobs], progress=False, timeout=10)] == [
+        "cancelled",
+        "cancelled",
+    ]
+    assert len(received) == 1

@@ -4,11 +4,12 @@ how long a retry waits."""
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from worker.errors import InvalidJob, MediaUnavailable, ResultWriteFailed
-from worker.lifecycle import Start, decide, retries_left, retry_delay
+from worker.lifecycle import Deadline, Start, decide, retries_left, retry_delay
 
 
 @pytest.mark.parametrize(
@@ -28,11 +29,18 @@ def test_a_stored_success_is_looked_for_when_an_earlier_copy_may_have_finished(
     assert (start.crashes, start.may_have_finished) == (crashes, look)
 
 
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+ON_TIME = Deadline(expires=NOW + timedelta(seconds=1), submitted_at=NOW - timedelta(seconds=59), ttl_s=60)
+
+
 def test_the_decision_over_every_combination() -> None:
     decisions = {}
     for starts, expired, cancelled in itertools.product((1, 2, 3), (False, True), (False, True)):
         start = Start(starts=starts, retries=0, redelivered=True, succeeded_before=False)
-        decisions[starts, expired, cancelled] = decide(start, max_crashes=2, expired=expired, cancelled=cancelled)
+        deadline = Deadline(expires=NOW) if expired else ON_TIME
+        decisions[starts, expired, cancelled] = decide(
+            start, max_crashes=2, deadline=deadline, now=NOW, cancelled=cancelled
+        )
     assert decisions == {
         (1, False, False): "run",
         (2, False, False): "run",  # one crash, under VLMQ_MAX_CRASHES=2
@@ -40,6 +48,19 @@ def test_the_decision_over_every_combination() -> None:
         **{(s, True, c): "expired" for s in (1, 2, 3) for c in (False, True)},  # expiry comes first
         **{(s, False, True): "cancelled" for s in (1, 2, 3)},  # then a cancelled batch, before crash counting
     }
+
+
+def test_a_job_expires_at_its_celery_expires_or_past_its_time_to_live_whichever_comes_first() -> None:
+    assert ON_TIME.passed(NOW) is None
+    assert Deadline().passed(NOW) is None  # neither set: it never expires
+    assert Deadline(expires=NOW).passed(NOW) == (
+        "the message's Celery expires (2026-12-04T12:00:00+00:00) passed before it started; it was not run"
+    )
+    assert Deadline(submitted_at=NOW - timedelta(seconds=90), ttl_s=60).passed(NOW) == (
+        "the job was taken 90.0 s after it was submitted, past its time to live of 60 s (ttl_s or VLMQ_JOB_TTL_S); "
+        "it was not run. Submit it again if it is still wanted"
+    )
+    assert Deadline(submitted_at=NOW - timedelta(seconds=90), ttl_s=None).passed(NOW) is None
 
 
 def test_only_retryable_errors_retry_and_only_while_retries_are_left() -> None:
