@@ -1,5 +1,5 @@
-"""The one way producers send jobs: `Publisher.publish`, used by `submit`, `run`, `submit_batch`, both retry paths
-and the worker's lost-message recovery (through `Client.send_json`).
+"""The one way jobs are sent: `Publisher.publish`, used by `submit`, `run`, `submit_batch`, both retry paths and the
+worker's lost-message recovery.
 
 A publish records every job in the ledger in one Redis round trip (the lost-message recovery needs the entry to
 exist before the message does), then pushes the messages through one kombu publish batch.

@@ -147,8 +147,8 @@ def kept_copy(message: Message) -> dict[str, Any]:
 class TolerantMessage(KombuMessage):
     """kombu's Redis message, standing in for an envelope kombu cannot handle (an item that is not JSON, headers or
     properties that are not objects, no delivery_info, a body that is not base64), as a client writing kombu's
-    Redis layout by hand may send. kombu raised inside its delivery: the worker stopped, or took it for a lost
-    connection and put back every message it held, running ones included. Such a message becomes one the gate
+    Redis layout by hand may send. kombu would raise inside its delivery: the worker would stop, or take it for a
+    lost connection and put back every message it held, running ones included. Such a message becomes one the gate
     refuses (no usable id: a dead letter with a copy of the envelope). A `compression` header is taken out before
     kombu inflates the body in full, past any limit; the gate refuses the message under its id."""
 
@@ -181,8 +181,8 @@ class TolerantMessage(KombuMessage):
     def ack(self, multiple: bool = False) -> None:
         """kombu's ack, except on a channel whose connection was lost meanwhile: a task that ended while the
         consumer reconnected is acknowledged on the old channel, whose client kombu has dropped ("'NoneType' object
-        has no attribute 'hostname'", the same kombu 5.7 race as in `consumer_class`). Celery called that
-        unrecoverable and stopped the worker with status 0, its held jobs unrun. The message was put back when the
+        has no attribute 'hostname'", the same kombu 5.7 race as in `VlmqConsumer`). Celery would call that
+        unrecoverable and stop the worker with status 0, its held jobs unrun. The message was put back when the
         connection was lost (or comes back after the visibility timeout); its copy returns the stored result."""
         try:
             super().ack(multiple=multiple)
@@ -196,7 +196,7 @@ class TolerantMessage(KombuMessage):
 
 def _tolerant_loads(text: Any, *args: Any, **kwargs: Any) -> Any:
     """kombu's JSON `loads` for its Redis transport, but an item that is not JSON becomes an envelope
-    `TolerantMessage` stands in for (kombu raised, and the worker stopped with the item popped and lost)."""
+    `TolerantMessage` stands in for (kombu would raise, and the worker stop with the item popped and lost)."""
     try:
         return _kombu_loads(text, *args, **kwargs)
     except Exception as exc:

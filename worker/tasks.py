@@ -189,8 +189,7 @@ class JobRun:
         """The job's result in S3 if it succeeded (the commit point of a success).
 
         When S3 cannot be read the job runs as if none were stored: running again is at-least-once delivery's
-        normal cost, and its own result write retries until S3 is back (a read error here used to end the task as
-        a Celery failure without a vlmq result).
+        normal cost, and its own result write retries until S3 is back.
         """
         try:
             stored = self.pipeline.results.read(self.task_id)

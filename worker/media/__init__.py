@@ -1,6 +1,7 @@
 """Media for a job: fetch each item's bytes, check them against the worker's limits, decode them.
 
-Runs in the task threads, so a job's I/O and decoding overlap the model's work on the previous batch.
+Runs in the preprocessing processes (in the task threads with `--preprocess-workers 0`), so a job's I/O and
+decoding overlap the model's work on earlier batches.
 Every failure becomes a coded `MediaError` for that item's job alone.
 
 - `sources`: `MediaFetcher` routes a URI to S3, a local file (opt-in) or `https.HttpFetcher`;
