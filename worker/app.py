@@ -18,6 +18,7 @@ from producer.ledger import Ledger
 from producer.publish import Publisher
 from producer.results import ResultReader, ResultStore
 from producer.storage import make_s3_client
+from worker.errors import ConfigError
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the runtime imports stay inside run_worker: `create_app` alone must not load torch
@@ -77,12 +78,20 @@ class Clients:
 
 
 def run_worker(settings: WorkerSettings) -> None:
-    """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown)."""
+    """Check what the worker needs, load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown).
+
+    Raises:
+        ConfigError, CannotStart: the worker cannot start here; the message says why and what to do.
+    """
     from worker import allocator
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
+    from worker.preflight import check_model, check_start
     from worker.watchdog import EXIT_RESTART
 
+    check_model(settings.model)
+    clients = Clients.connect(settings)
+    check_start(settings, clients.s3)
     if not settings.results_bucket:
         log.warning(
             "VLMQ_RESULTS_BUCKET is not set: results go to Redis only, and expire after %d s", settings.result_expires_s
@@ -90,8 +99,17 @@ def run_worker(settings: WorkerSettings) -> None:
     log.info("memory allocator: %s", allocator.configure(settings.allocator))
     metrics = Metrics()
     health = _serve_health(settings, metrics)
-    clients = Clients.connect(settings)
-    pipeline = Pipeline.start(settings, clients.s3, clients.results, metrics)
+    try:
+        pipeline = Pipeline.start(settings, clients.s3, clients.results, metrics)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a checkpoint the engine cannot load, no memory for it: one line, not a traceback
+        log.debug("the engine did not start", exc_info=True)
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"the model {settings.model} could not be loaded: {type(exc).__name__}: {reason} "
+            "(`vlmq -v worker ...` shows the traceback)"
+        ) from exc
     health.batch_age = pipeline.engine.busy_for
     health.probe = pipeline.engine.probe
     recovery = _wire(settings, clients, pipeline, health)

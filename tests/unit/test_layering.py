@@ -20,7 +20,7 @@ API_FRAMEWORK = ("fastapi", "starlette", "uvicorn", "multipart")  # the `api` ex
 # are a test failure: place each new module in a layer.
 LAYERS: list[set[str]] = [
     {"worker.settings", "worker.errors", "worker.metrics", "worker.watchdog", "worker.isolation", "worker.batcher"},
-    {"worker.devtools.faults", "worker.allocator"},
+    {"worker.devtools.faults", "worker.allocator", "worker.preflight"},
     {"worker.media", "worker.engines", "worker.gate", "worker.health", "worker.lifecycle"},
     {"worker.preprocess"},
     {"worker.pool"},
