@@ -41,6 +41,11 @@ Per OpenAI Batch API batch of `vlmq api` (`<id>`, `batch_<hex>`, also the name o
   before they became jobs, output and error file ids);
 - `vlmq:openai-batches`: sorted set of batch ids by creation time, for listing.
 
+Per deployment:
+
+- `vlmq:models`: sorted set of model -> when its announcement expires: the models running workers serve
+  (`producer/served.py`; `vlmq api` lists them on /v1/models).
+
 Not here, and not namespaced: kombu's own keys (the queue lists `<queue>` and `<queue>\\x06\\x16<step>`,
 `unacked`, `unacked_index`, `_kombu.binding.*`) and Celery's results (`celery-task-meta-<id>`); queue names
 already keep those apart.
@@ -136,3 +141,8 @@ class Keys:
 
     def openai_batches(self) -> str:
         return self._key("openai-batches")
+
+    # -- per deployment ------------------------------------------------------------------------------------------
+    def models(self) -> str:
+        """The models running workers serve (`producer/served.py`)."""
+        return self._key("models")

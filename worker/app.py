@@ -17,6 +17,7 @@ from producer.celery_config import celery_config
 from producer.ledger import Ledger
 from producer.publish import Publisher
 from producer.results import ResultReader, ResultStore
+from producer.served import Announcer
 from producer.storage import make_s3_client
 from worker.errors import ConfigError
 from worker.settings import WorkerSettings
@@ -187,7 +188,10 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
     worker_ready.connect(lambda **_: consuming(), weak=False)
     worker_ready.connect(lambda **_: pipeline.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
+    announcer = Announcer(ledger.redis, ledger.keys, pipeline.engine.name)  # /v1/models lists what workers serve
+    worker_ready.connect(lambda **_: announcer.start(), weak=False)
     worker_shutting_down.connect(lambda **_: pipeline.metrics.ready.set(0), weak=False)
+    worker_shutting_down.connect(lambda **_: announcer.stop(), weak=False)
     return recovery
 
 
