@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -181,6 +182,17 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401  (`vlmq api` runs in a child process: say what is missing before starting)
+
+        from worker.devtools.up import run_up
+    except ImportError as exc:
+        print(f"vlmq up: {exc.name} is not installed. Hint: pip install -e '.[up]' in the checkout", file=sys.stderr)
+        return EXIT_NO_RESULT
+    return run_up(args.port, args.data_dir, args.model, args.engine, args.workers, args.host)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.devtools.demo import run_demo
 
@@ -256,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: ~1 MB, tests and demos (default); 0.5b: the real 0.5B model's shapes, ~1.8 GB, GPU benchmarks",
     )
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("up", help="everything on this machine, in the foreground: Redis, S3, workers and the API")
+    p.add_argument("--port", type=int, default=8000, help="the API's port; Redis uses PORT+1, S3 PORT+2 (default 8000)")
+    p.add_argument("--data-dir", type=Path, help="data and logs (default $XDG_DATA_HOME/vlmq or ~/.local/share/vlmq)")
+    p.add_argument("--model", help="model id or checkpoint (default VLMQ_MODEL or the 0.5B model, else a tiny one)")
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="the workers' engine")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="address the API binds (default 127.0.0.1)")
+    p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="everything local, end to end: Redis, S3, a worker, sample images")
     p.add_argument("--jobs", type=int, default=12, help="how many jobs to run (default 12)")

@@ -27,8 +27,8 @@ LAYERS: list[set[str]] = [
     {"worker.pipeline", "worker.recovery", "worker.consumer"},
     {"worker.tasks"},
     {"worker.app", "worker.supervisor"},
-    {"worker.devtools.tiny", "worker.devtools.local_services"},
-    {"worker.devtools.demo", "producer.cli"},
+    {"worker.devtools.tiny", "worker.devtools.local_services", "worker.devtools.samples"},
+    {"worker.devtools.demo", "worker.devtools.up", "producer.cli"},
 ]
 
 
