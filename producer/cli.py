@@ -169,7 +169,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     try:
         from producer.api.server import main
     except ImportError as exc:
-        print(f"vlmq api: {exc.name} is not installed. Hint: pip install 'vlmq[api]'", file=sys.stderr)
+        hint = "Hint: pip install -e '.[api]' in vlmq's checkout"
+        print(f"vlmq api: {exc.name} is not installed. {hint}", file=sys.stderr)
         return EXIT_NO_RESULT
     return main(args.host, args.port, args.allow_no_auth_local)
 
@@ -188,7 +189,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         from worker.devtools.up import run_up
     except ImportError as exc:
-        print(f"vlmq up: {exc.name} is not installed. Hint: pip install -e '.[up]' in the checkout", file=sys.stderr)
+        print(f"vlmq up: {exc.name} is not installed. Hint: pip install -e '.[up]' in vlmq's checkout", file=sys.stderr)
         return EXIT_NO_RESULT
     return run_up(args.port, args.data_dir, args.model, args.engine, args.workers, args.host)
 
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmq",
         description="Caption and question images and videos with LLaVA-OneVision on queue-fed GPU workers. "
-        "Configuration: VLMQ_* environment variables (see the README).",
+        "Configuration: VLMQ_* environment variables (docs/configuration.md).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -122,7 +122,9 @@ class VLLMEngine:
         try:
             import vllm  # noqa: F401  (a clear error before anything else is loaded)
         except ImportError:
-            raise ConfigError("--engine vllm needs vLLM: pip install 'vlmq[vllm]' (or --engine hf)") from None
+            raise ConfigError(
+                "--engine vllm needs vLLM: pip install -e '.[vllm]' in vlmq's checkout (or --engine hf)"
+            ) from None
         started = time.perf_counter()
         engine = cls(settings, metrics, faults)
         engine._thread.start()
