@@ -16,12 +16,16 @@ later output passes through; on failure it goes to a log file and `root_cause` f
 
 from __future__ import annotations
 
+import array
+import fcntl
 import math
 import os
 import re
 import sys
 import tempfile
+import termios
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +108,16 @@ def root_cause(output: str) -> str | None:
     return None
 
 
+def _unread(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    waiting = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, waiting)
+    except OSError:  # closed: its pump read everything
+        return 0
+    return waiting[0]
+
+
 @dataclass
 class HeldOutput:
     """Holds what this process and the processes it starts write to file descriptors 1 and 2 (see the module)."""
@@ -113,6 +127,7 @@ class HeldOutput:
     _holding: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pumps: list[threading.Thread] = field(default_factory=list)
+    _read_ends: list[int] = field(default_factory=list)
 
     def __enter__(self) -> HeldOutput:
         sys.stdout.flush()
@@ -122,6 +137,7 @@ class HeldOutput:
             read_end, write_end = os.pipe()
             os.dup2(write_end, fd)
             os.close(write_end)
+            self._read_ends.append(read_end)
             pump = threading.Thread(target=self._pump, args=(read_end, fd), name=f"vlmq-output-{fd}", daemon=True)
             pump.start()
             self._pumps.append(pump)
@@ -132,7 +148,7 @@ class HeldOutput:
             self._restore()
 
     def _pump(self, read_end: int, fd: int) -> None:
-        while chunk := os.read(read_end, 65536):
+        while chunk := os.read(read_end, 65536):  # until every writer (this process, its children) has closed it
             with self._lock:
                 if self._holding:
                     self._held.append((fd, chunk))
@@ -146,9 +162,12 @@ class HeldOutput:
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)  # this process writes to its own output again; children keep writing to the pipes
 
-    def release(self) -> None:
+    def release(self, wait_s: float = 1.0) -> None:
         """The engine started: write out what was held; from now on the children's output passes straight through."""
         self._restore()
+        deadline = time.monotonic() + wait_s
+        while any(_unread(fd) for fd in self._read_ends) and time.monotonic() < deadline:
+            time.sleep(0.005)  # until the pumps have read what this process wrote before: it comes out first
         with self._lock:
             for fd, chunk in self._held:
                 os.write(self._saved[fd], chunk)
