@@ -4,6 +4,7 @@ status 2 (which the `--gpus` supervisor does not restart): real processes, real 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,15 @@ def test_the_api_refuses_a_staging_bucket_that_does_not_exist(stack: Stack) -> N
             f"{stack.s3.endpoint_url}), or set VLMQ_STAGING_BUCKET to a bucket that exists"
         ],
     )
+
+
+def test_a_checkpoint_the_engine_cannot_load(stack: Stack, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(stack.model, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    status, lines = vlmq(stack, "worker", "--device", "cpu", "--preprocess-workers", "0", "--model", str(broken))
+
+    assert status == 2
+    assert [line for line in lines if "Traceback" in line] == []
+    assert lines[-1].startswith(f"vlmq worker: cannot start: the model {broken} could not be loaded: "), lines[-1]
+    assert lines[-1].endswith(" (`vlmq -v worker ...` shows the traceback)")
