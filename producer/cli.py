@@ -191,6 +191,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"vlmq up: {exc.name} is not installed. Hint: pip install -e '.[up]' in vlmq's checkout", file=sys.stderr)
         return EXIT_NO_RESULT
+    if args.workers < 1:
+        print("vlmq up: --workers must be at least 1", file=sys.stderr)
+        return EXIT_NO_RESULT
     return run_up(args.port, args.data_dir, args.model, args.engine, args.workers, args.host)
 
 

@@ -177,11 +177,11 @@ class Up:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
         for i in range(count):
             self.worker_argv.append((f"worker-{i}", ("--engine", engine), {**env, "VLMQ_WORKER_NAME": f"up-{i}"}))
-            self.workers.append(self._spawn_worker(i, self.model))
+            self.workers.append(self._spawn_worker(i))
 
-    def _spawn_worker(self, index: int, model: str) -> Service:
+    def _spawn_worker(self, index: int) -> Service:
         name, args, env = self.worker_argv[index]
-        worker = spawn_worker(model, self.logs, *args, env=env, name=name)
+        worker = spawn_worker(self.model, self.logs, *args, env=env, name=name)
         self.services.append(worker)
         return worker
 
@@ -216,11 +216,26 @@ class Up:
                 if worker.proc.poll() == EXIT_RESTART:
                     say(f"{worker.name} exited to be restarted (status {EXIT_RESTART}); starting it again")
                     self.services.remove(worker)
-                    self.workers[index] = self._spawn_worker(index, self.model)
+                    self.workers[index] = self._spawn_worker(index)
             for service in self.services:
                 if service.proc.poll() is not None:
                     return self.ended(service)
             time.sleep(poll_s)  # between looks at the processes
+
+    def run(self, model: str | None, engine: str, workers: int) -> int:
+        """Start everything, print the banner, and watch the processes until one ends on its own (status 1)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.model = choose(model, self.data_dir)
+        self.start_storage()
+        say(f"starting {workers} worker{'s' if workers > 1 else ''} and the API (logs in {self.logs})")
+        self.start_workers(engine, workers)
+        self.wait_ready(self.start_api(), timeout_s=600)
+        env_file = self.data_dir / "env"
+        env_file.touch(mode=0o600)  # it holds the API key
+        env_file.write_text(export_lines(self.env))
+        print(banner(self, workers), flush=True)
+        say(f"stopping: {self.watch()}")
+        return 1
 
     def stop(self) -> None:
         """SIGTERM to the API and the workers together (each worker finishes its running jobs, 30 s at most, then
@@ -261,10 +276,10 @@ def choose(requested: str | None, data_dir: Path) -> str:
     return model
 
 
-def banner(up: Up, model: str, workers: int) -> str:
+def banner(up: Up, workers: int) -> str:
     env = up.env
     return (
-        f"\nvlmq is up: {workers} worker{'s' if workers > 1 else ''} serving {model}\n"
+        f"\nvlmq is up: {workers} worker{'s' if workers > 1 else ''} serving {up.model}\n"
         f"  API       {env['VLMQ_API_URL']}  (OpenAI SDKs: base_url {env['VLMQ_API_URL']}/v1)\n"
         f"  API key   {env['VLMQ_API_KEY']}\n"
         f"  data      {up.data_dir}  (logs in {up.logs})\n"
@@ -277,31 +292,23 @@ def banner(up: Up, model: str, workers: int) -> str:
 def run_up(port: int, data_dir: Path | None, model: str | None, engine: str, workers: int, host: str) -> int:
     """Start everything, print where it is, wait for Ctrl-C or SIGTERM, stop everything; the exit status."""
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
-    signal.signal(signal.SIGTERM, _interrupted)
-    up: Up | None = None
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs ignoring it
+        signal.signal(signum, _interrupted)
     try:
         with locked(data_dir):
             check_ports(port)
             up = Up(data_dir, port, host, api_key(data_dir))
-            up.logs.mkdir(exist_ok=True)
-            up.model = choose(model, data_dir)
-            up.start_storage()
-            say(f"starting {workers} worker{'s' if workers > 1 else ''} and the API (logs in {up.logs})")
-            up.start_workers(engine, workers)
-            up.wait_ready(up.start_api(), timeout_s=600)
-            (data_dir / "env").write_text(export_lines(up.env))
-            (data_dir / "env").chmod(0o600)
-            print(banner(up, up.model, workers), flush=True)
-            say(f"stopping: {up.watch()}")
-            return 1
+            try:
+                return up.run(model, engine, workers)
+            except KeyboardInterrupt:
+                say("stopping (the workers finish their running jobs first)")
+                return 0
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # stop everything, whatever else arrives
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                up.stop()
     except CannotStartUp as exc:
         say(f"cannot start: {exc}")
         return EXIT_CANNOT_START
-    except KeyboardInterrupt:
-        say("stopping (the workers finish their running jobs first)")
+    except KeyboardInterrupt:  # before anything was started
         return 0
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stop everything, whatever else arrives
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if up is not None:
-            up.stop()
