@@ -26,7 +26,7 @@ EXPECTED = {
     "curl": r'"status":"succeeded"',
     "openai-python": r"CompletionUsage\(completion_tokens=\d+",
     "openai-typescript": r"\S",
-    "celery-node-readme": r"\S",
+    "celery-node": r"\S",
     "curl-native-routes": r'"name":"tour-samples"',
     "openai-batch": r"^missing media_not_found$",
     "batch-cli": r"",
