@@ -12,7 +12,8 @@ install:
 		|| { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH_SPEC)
 	@$(PYTHON) -m pip install -q -e ".[worker,test,dev]"
-	@! command -v npm >/dev/null || [ -d tests/node/node_modules ] || npm ci --prefix tests/node --no-audit --no-fund
+	@! command -v npm >/dev/null || [ tests/node/node_modules/.package-lock.json -nt tests/node/package-lock.json ] \
+		|| npm ci --prefix tests/node --no-audit --no-fund
 
 demo: install
 	vlmq demo

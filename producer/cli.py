@@ -7,7 +7,6 @@ worker package only when they run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import threading
@@ -17,14 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from producer.cli_batch import EXIT_FAILED, EXIT_NO_RESULT, add_batch_parser, print_json
 from producer.worker_flags import add_worker_arguments, child_flags, worker_overrides
-
-EXIT_FAILED = 1
-EXIT_NO_RESULT = 2
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, ensure_ascii=False))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -54,7 +47,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     results = client.run(jobs, progress=not args.quiet, timeout=args.timeout, priority=priority)
     for result in results:
-        _print_json(result.model_dump(mode="json"))
+        print_json(result.model_dump(mode="json"))
     return 0 if all(r.ok for r in results) else EXIT_FAILED
 
 
@@ -74,7 +67,7 @@ def cmd_result(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_NO_RESULT
-    _print_json(result.model_dump(mode="json"))
+    print_json(result.model_dump(mode="json"))
     return 0 if result.ok else EXIT_FAILED
 
 
@@ -84,7 +77,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     letters = Client.from_env().dead_letters()
     for letter in letters:
         if args.json:
-            _print_json({"job": letter.job, "result": letter.result.model_dump(mode="json")})
+            print_json({"job": letter.job, "result": letter.result.model_dump(mode="json")})
         else:
             error = letter.result.error
             code, message = (error.code, error.message) if error else ("", "")
@@ -109,6 +102,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from producer.errors import CannotStart
     from worker.app import run_worker
     from worker.devtools.faults import hooks_for
     from worker.errors import ConfigError
@@ -131,7 +125,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return Supervisor(gpus, child_flags(overrides), metrics_port=settings.metrics_port).run()
     try:
         run_worker(settings, hooks_for(settings.faults))
-    except ConfigError as exc:  # the settings cannot work here: the message says how to fix them; no traceback
+    except (ConfigError, CannotStart) as exc:  # it cannot work here: the message says what to do; no traceback
         print(f"vlmq worker: cannot start: {exc}", file=sys.stderr)
         return EXIT_NO_RESULT
     return 0
@@ -176,90 +170,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     try:
         from producer.api.server import main
     except ImportError as exc:
-        print(f"vlmq api: {exc.name} is not installed. Hint: pip install 'vlmq[api]'", file=sys.stderr)
+        hint = "Hint: pip install -e '.[api]' in vlmq's checkout"
+        print(f"vlmq api: {exc.name} is not installed. {hint}", file=sys.stderr)
         return EXIT_NO_RESULT
     return main(args.host, args.port, args.allow_no_auth_local)
-
-
-def _manifest_options(args: argparse.Namespace, client: Any) -> tuple[str, dict[str, Any]]:
-    source = args.manifest or args.prefix
-    if not source:
-        raise SystemExit("vlmq batch: give an s3://bucket/prefix/ or --manifest FILE.jsonl|.csv")
-    defaults: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
-    for field in ("task", "question", "prompt"):
-        if getattr(args, field):
-            defaults[field] = getattr(args, field)
-    options: dict[str, Any] = {"defaults": defaults, "glob": args.glob}
-    if source.startswith("s3://"):
-        options["s3"] = client.s3
-    return source, options
-
-
-def cmd_batch(args: argparse.Namespace) -> int:
-    from producer.client import Client
-    from producer.manifest import InvalidManifest, read_manifest, validate_manifest
-
-    client = Client.from_env()
-    if args.batch_command in ("submit", "validate"):
-        source, options = _manifest_options(args, client)
-        try:
-            count = validate_manifest(source, batch=getattr(args, "name", None), **options)
-        except (InvalidManifest, ValueError, OSError) as exc:
-            print(f"vlmq batch {args.batch_command}: {exc}", file=sys.stderr)
-            return EXIT_NO_RESULT
-        if args.batch_command == "validate":
-            print(f"{source}: {count} valid jobs")
-            return 0
-        jobs = (item for _, item in read_manifest(source, batch=args.name, **options) if not isinstance(item, str))
-        client.submit_batch(args.name, jobs, webhook=args.webhook, progress=not args.quiet)
-        status = client.batch(args.name).status()
-        print(
-            f"batch {args.name}: {status.total} jobs, {status.succeeded} already succeeded; "
-            f"follow it with `vlmq batch status {args.name} --watch`",
-            file=sys.stderr,
-        )
-        return 0
-    batch = client.batch(args.name)
-    if batch.status().status == "unknown":
-        print(f"vlmq batch: no batch named {args.name!r} (check VLMQ_BROKER_URL)", file=sys.stderr)
-        return EXIT_NO_RESULT
-    if args.batch_command == "status":
-        return _batch_status(batch, args.watch, args.json)
-    if args.batch_command == "results":
-        output = Path(args.output)
-        errors_path = args.errors or str(output.with_suffix("")) + ".errors" + (output.suffix or ".jsonl")
-        try:
-            ok, failed, missing = batch.write_results(args.output, errors_path)
-        except RuntimeError as exc:
-            print(f"vlmq batch results: {exc}", file=sys.stderr)
-            return EXIT_NO_RESULT
-        print(f"{ok} results to {args.output}, {failed} failures to {errors_path}", file=sys.stderr)
-        if missing:
-            print(f"{missing} jobs have no result yet: the batch is {batch.status().status}", file=sys.stderr)
-            return EXIT_NO_RESULT
-        return 0
-    if args.batch_command == "retry-failed":
-        print(f"re-enqueued {len(batch.retry_failed())} failed jobs of {args.name}", file=sys.stderr)
-        return 0
-    batch.cancel()
-    print(f"batch {args.name} cancelled: jobs not started yet end `cancelled`", file=sys.stderr)
-    return 0
-
-
-def _batch_status(batch: Any, watch: bool, as_json: bool) -> int:
-    if watch:
-        status = batch.watch()
-        print(f"{status.name}: {status.status}", file=sys.stderr)
-        return 0 if status.status == "completed" else EXIT_FAILED
-    status = batch.status()
-    if as_json:
-        _print_json(status.to_json())
-    else:
-        print(
-            f"{status.name}: {status.status}; {status.total} jobs: {status.queued} queued, {status.running} "
-            f"running, {status.succeeded} succeeded, {status.failed} failed, {status.cancelled} cancelled"
-        )
-    return 0 if status.status in ("completed", "running", "submitting") else EXIT_FAILED
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -268,6 +182,20 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     path = make_tiny_model(args.dir, seed=args.seed, preset=args.preset)
     print(f"wrote a random-weight LLaVA-OneVision checkpoint ({args.preset}) to {path} (its text is meaningless)")
     return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401  (`vlmq api` runs in a child process: say what is missing before starting)
+
+        from worker.devtools.up import run_up
+    except ImportError as exc:
+        print(f"vlmq up: {exc.name} is not installed. Hint: pip install -e '.[up]' in vlmq's checkout", file=sys.stderr)
+        return EXIT_NO_RESULT
+    if args.workers < 1:
+        print("vlmq up: --workers must be at least 1", file=sys.stderr)
+        return EXIT_NO_RESULT
+    return run_up(args.port, args.data_dir, args.model, args.engine, args.workers, args.host)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -280,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmq",
         description="Caption and question images and videos with LLaVA-OneVision on queue-fed GPU workers. "
-        "Configuration: VLMQ_* environment variables (see the README).",
+        "Configuration: VLMQ_* environment variables (docs/configuration.md).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -333,39 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_ids", nargs="*", metavar="JOB_ID")
     p.set_defaults(func=cmd_retry_failed)
 
-    p = sub.add_parser("batch", help="named bulk runs: submit, validate, status, results, retry-failed, cancel")
-    batch = p.add_subparsers(dest="batch_command", required=True, metavar="BATCH_COMMAND")
-    for name, help_text in (
-        ("submit", "enqueue a manifest or S3 prefix as a named batch"),
-        ("validate", "check every line of a manifest; enqueue nothing"),
-    ):
-        q = batch.add_parser(name, help=help_text)
-        if name == "submit":
-            q.add_argument("--name", required=True, help="batch name (submitting it again resumes it)")
-            q.add_argument("--webhook", help="URL that gets a signed POST when the batch ends")
-            q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-        q.add_argument("prefix", nargs="?", metavar="s3://BUCKET/PREFIX/", help="every image and video under it")
-        q.add_argument("--manifest", help="jobs.jsonl (one job per line, custom_id = id) or jobs.csv (uri, ...)")
-        q.add_argument("--glob", help="with a prefix: only keys matching this glob, e.g. '*.jpg'")
-        q.add_argument("--task", choices=["caption", "qa"], help="default task of lines that set none")
-        q.add_argument("--question")
-        q.add_argument("--prompt")
-        q.add_argument("--max-new-tokens", type=int, default=128)
-        q.set_defaults(func=cmd_batch)
-    q = batch.add_parser("status", help="counts per state (exit 1 if failed or cancelled)")
-    q.add_argument("name")
-    q.add_argument("--watch", action="store_true", help="live progress bar with rate and ETA until it ends")
-    q.add_argument("--json", action="store_true")
-    q = batch.add_parser("results", help="write one JobResult JSON line per job, in input order")
-    q.add_argument("name")
-    q.add_argument("-o", "--output", required=True, help="succeeded jobs: .jsonl, or .parquet (needs pyarrow)")
-    q.add_argument("--errors", help="JSONL of failed jobs (default OUTPUT without .jsonl + .errors.jsonl)")
-    q = batch.add_parser("retry-failed", help="re-run the batch's failed jobs under their ids")
-    q.add_argument("name")
-    q = batch.add_parser("cancel", help="jobs not started yet end `cancelled`")
-    q.add_argument("name")
-    for q in batch.choices.values():
-        q.set_defaults(func=cmd_batch)
+    add_batch_parser(sub)
 
     p = sub.add_parser("make-tiny-model", help="write a random-weight LLaVA-OneVision checkpoint for tests/demos")
     p.add_argument("dir")
@@ -377,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: ~1 MB, tests and demos (default); 0.5b: the real 0.5B model's shapes, ~1.8 GB, GPU benchmarks",
     )
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("up", help="everything on this machine, in the foreground: Redis, S3, workers and the API")
+    p.add_argument("--port", type=int, default=8000, help="the API's port; Redis uses PORT+1, S3 PORT+2 (default 8000)")
+    p.add_argument("--data-dir", type=Path, help="data and logs (default $XDG_DATA_HOME/vlmq or ~/.local/share/vlmq)")
+    p.add_argument("--model", help="model id or checkpoint (default VLMQ_MODEL or the 0.5B model, else a tiny one)")
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="the workers' engine")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="address the API binds (default 127.0.0.1)")
+    p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="everything local, end to end: Redis, S3, a worker, sample images")
     p.add_argument("--jobs", type=int, default=12, help="how many jobs to run (default 12)")
@@ -392,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # "Found credentials in environment variables." on every command otherwise
+        logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     return int(args.func(args))
 
 

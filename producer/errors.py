@@ -6,7 +6,8 @@ VlmqClientError
 ├── InvalidBatchName   (also ValueError)    a batch name outside [A-Za-z0-9._:-]{1,128}
 ├── InvalidManifest    (also ValueError)    a manifest has bad lines; nothing was enqueued
 ├── MissingExtra       (also RuntimeError)  an optional dependency is not installed (Parquet needs pyarrow)
-└── ResultWriteError                        a result object could not be written to S3 (workers wrap it)
+├── ResultWriteError                        a result object could not be written to S3 (workers wrap it)
+└── CannotStart        (also RuntimeError)  a process cannot start: its broker or a bucket is missing (exit 2)
 
 A job that breaks the contract raises pydantic's `ValidationError` (its message names the field), as `Job(...)`
 itself does: it is not in this tree.
@@ -48,3 +49,8 @@ class MissingExtra(VlmqClientError, RuntimeError):
 
 class ResultWriteError(VlmqClientError):
     """A result object could not be written to S3 (the worker turns it into its `result_write_failed` error)."""
+
+
+class CannotStart(VlmqClientError, RuntimeError):
+    """`vlmq worker` or `vlmq api` cannot start: the broker does not answer (worker), or a bucket does not exist.
+    The message says what to do; the command prints it as one line and exits with status 2."""

@@ -65,7 +65,7 @@ class _ParquetLines:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise MissingExtra("Parquet output needs pyarrow: pip install 'vlmq[parquet]'") from None
+            raise MissingExtra("Parquet output needs pyarrow: pip install -e '.[parquet]' in vlmq's checkout") from None
         self.pa = pa
         fields = [(n, pa.int64() if n in ("attempts", "batch_size") else pa.string()) for n in _PARQUET_FIELDS]
         self.schema = pa.schema(fields)

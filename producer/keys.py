@@ -46,6 +46,11 @@ Per bearer key of `vlmq api` (`<fp>`, the first 16 hex digits of the key's SHA-2
 - `vlmq:api-tokens:<fp>`: hash (tokens, at): the key's token bucket, shared by every API process;
 - `vlmq:api-in-flight:<fp>`: sorted set of the key's requests in flight, lease -> when it lapses (ms, Redis time).
 
+Per deployment:
+
+- `vlmq:models`: sorted set of model -> when its announcement expires: the models running workers serve
+  (`producer/served.py`; `vlmq api` lists them on /v1/models).
+
 Not here, and not namespaced: kombu's own keys (the queue lists `<queue>` and `<queue>\\x06\\x16<step>`,
 `unacked`, `unacked_index`, `_kombu.binding.*`) and Celery's results (`celery-task-meta-<id>`); queue names
 already keep those apart.
@@ -148,3 +153,8 @@ class Keys:
 
     def api_in_flight(self, key_id: str) -> str:
         return self._key("api-in-flight", key_id)
+
+    # -- per deployment ------------------------------------------------------------------------------------------
+    def models(self) -> str:
+        """The models running workers serve (`producer/served.py`)."""
+        return self._key("models")

@@ -36,6 +36,13 @@ class SharedSettings(BaseSettings):
     s3_region: str | None = Field(None, description="S3 region; unset means boto3's default chain")
     results_bucket: str | None = Field(None, description="bucket that workers write JobResult JSON to")
     results_prefix: str = Field("results/", description="key prefix of result objects: <prefix><job id>.json")
+    broker_connect_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="how long `vlmq worker` waits at start-up for the broker to answer; past it, it exits with "
+        "status 2",
+    )
     visibility_timeout_s: int = Field(
         900,
         ge=1,

@@ -51,7 +51,7 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         choices=("none", "4bit"),
-        help="4bit: bitsandbytes NF4 weights, pip install 'vlmq[4bit]' (VLMQ_QUANTIZATION; default none)",
+        help="4bit: bitsandbytes NF4 weights, pip install -e '.[4bit]' (VLMQ_QUANTIZATION; default none)",
     )
     p.add_argument(
         "--attn-implementation",

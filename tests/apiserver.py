@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import RESULTS_BUCKET, Stack
-from worker.devtools.local_services import RedisServer, SeaweedS3, Service, _spawn, free_port, wait_until
+from worker.devtools.local_services import RedisServer, SeaweedS3, Service, free_port, spawn, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-1"
@@ -56,7 +56,7 @@ def start_api(stack: Stack, *args: str, env: dict[str, str] | None = None, name:
         **(env or {}),
     }
     argv = [sys.executable, "-m", "producer.cli", "api", "--host", "127.0.0.1", "--port", str(port), *args]
-    service = _spawn(name, argv, stack.workdir, env={**os.environ, **settings})
+    service = spawn(name, argv, stack.workdir, env={**os.environ, **settings})
     try:
         wait_until(
             lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200,

@@ -17,7 +17,9 @@ from producer.celery_config import celery_config
 from producer.ledger import Ledger
 from producer.publish import Publisher
 from producer.results import ResultReader, ResultStore
+from producer.served import Announcer
 from producer.storage import make_s3_client
+from worker.errors import ConfigError
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the runtime imports stay inside run_worker: `create_app` alone must not load torch
@@ -78,14 +80,23 @@ class Clients:
 
 
 def run_worker(settings: WorkerSettings, hooks: Hooks | None = None) -> None:
-    """Load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown). `hooks`: what acts at the
-    runtime's seams (worker/hooks.py; `vlmq worker` passes fault injection's when VLMQ_FAULTS is set)."""
+    """Check what the worker needs, load the model, then consume jobs until stopped (SIGTERM/SIGINT: warm shutdown).
+    `hooks`: what acts at the runtime's seams (worker/hooks.py; `vlmq worker` passes fault injection's when
+    VLMQ_FAULTS is set).
+
+    Raises:
+        ConfigError, CannotStart: the worker cannot start here; the message says why and what to do.
+    """
     from worker import allocator
     from worker.hooks import Hooks
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
+    from worker.preflight import check_model, check_start
     from worker.watchdog import EXIT_RESTART
 
+    check_model(settings.model)
+    clients = Clients.connect(settings)
+    check_start(settings, clients.s3)
     if not settings.results_bucket:
         log.warning(
             "VLMQ_RESULTS_BUCKET is not set: results go to Redis only, and expire after %d s", settings.result_expires_s
@@ -93,8 +104,17 @@ def run_worker(settings: WorkerSettings, hooks: Hooks | None = None) -> None:
     log.info("memory allocator: %s", allocator.configure(settings.allocator))
     metrics = Metrics()
     health = _serve_health(settings, metrics)
-    clients = Clients.connect(settings)
-    pipeline = Pipeline.start(settings, clients.s3, clients.results, metrics, hooks or Hooks())
+    try:
+        pipeline = Pipeline.start(settings, clients.s3, clients.results, metrics, hooks or Hooks())
+    except ConfigError:
+        raise
+    except Exception as exc:  # a checkpoint the engine cannot load, no memory for it: one line, not a traceback
+        log.debug("the engine did not start", exc_info=True)
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"the model {settings.model} could not be loaded: {type(exc).__name__}: {reason} "
+            "(`vlmq -v worker ...` shows the traceback)"
+        ) from exc
     health.batch_age = pipeline.engine.busy_for
     health.probe = pipeline.engine.probe
     recovery = _wire(settings, clients, pipeline, health)
@@ -174,7 +194,10 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
     worker_ready.connect(lambda **_: consuming(), weak=False)
     worker_ready.connect(lambda **_: pipeline.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
+    announcer = Announcer(ledger.redis, ledger.keys, pipeline.engine.name)  # /v1/models lists what workers serve
+    worker_ready.connect(lambda **_: announcer.start(), weak=False)
     worker_shutting_down.connect(lambda **_: pipeline.metrics.ready.set(0), weak=False)
+    worker_shutting_down.connect(lambda **_: announcer.stop(), weak=False)
     return recovery
 
 

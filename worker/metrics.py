@@ -16,7 +16,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """The worker's counters, histograms and gauges (documented in the README's metrics table)."""
+    """The worker's counters, histograms and gauges (documented in docs/metrics.md)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()

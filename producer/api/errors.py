@@ -88,8 +88,8 @@ class ApiError(Exception):
         self.headers = headers
 
     @classmethod
-    def from_job_error(cls, error: JobError) -> ApiError:
-        return cls(JOB_ERROR_STATUS.get(error.code, 500), error.code, error.message)
+    def from_job_error(cls, error: JobError, param: str | None = None) -> ApiError:
+        return cls(JOB_ERROR_STATUS.get(error.code, 500), error.code, error.message, param=param)
 
     def body(self) -> dict[str, Any]:
         kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")

@@ -1,7 +1,7 @@
 """OpenAI's chat completions and models routes, mapped onto vlmq chat jobs.
 
     POST /v1/chat/completions     one chat job on the interactive queue; answers OpenAI's `chat.completion`
-    GET  /v1/models               the served model
+    GET  /v1/models               the models the running workers serve (they announce them in Redis)
 
 Accepted: `model` (reported back, not used for routing: a deployment serves one model), `messages` with roles
 `user` and `assistant`, content as a string or parts `text`, `image_url` (s3://, https:// where the workers allow
@@ -20,11 +20,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from producer.api.app import Services, services
 from producer.api.errors import ApiError
 from producer.api.media import Stager
-from producer.jobs import JOB_ID_PATTERN, Generation, Job, JobResult, MediaKind
+from producer.jobs import JOB_ID_PATTERN, Generation, Job, JobError, JobResult, MediaKind
+from producer.served import served_models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_MAX_TOKENS = Generation.model_fields["max_new_tokens"].default
@@ -129,6 +131,23 @@ async def to_job(request: ChatRequest, stager: Stager, job_id: str, metadata: di
     return Job.model_validate({"id": job_id, "task": "chat", "messages": messages, "metadata": metadata, **generation})
 
 
+def failed_part(job: Job, error: JobError) -> str | None:
+    """The request part a job's media error is about (`messages.0.content.1.image_url.url`): the part whose URL the
+    worker's message names, or the only media part; None for other errors."""
+    if not error.code.startswith("media_"):
+        return None
+    parts = [
+        (f"messages.{i}.content.{j}.{part.type}_url.url", part.url or "")
+        for i, message in enumerate(job.messages or ())
+        for j, part in enumerate(message.content)
+        if part.type != "text"
+    ]
+    named = [where for where, url in parts if url and url in error.message]
+    if named:
+        return named[0]
+    return parts[0][0] if len(parts) == 1 else None
+
+
 def completion(result: JobResult, created: int, max_new_tokens: int, model: str) -> dict[str, Any]:
     """OpenAI's `chat.completion` object of a succeeded job."""
     usage = result.usage
@@ -175,18 +194,24 @@ async def chat_completions(
             504, "timeout", f"job {job.id} has no result after {api.settings.chat_timeout_s:g} s; GET /jobs/{job.id}"
         )
     if not seen.result.ok and seen.result.error is not None:
-        raise ApiError.from_job_error(seen.result.error)
+        raise ApiError.from_job_error(seen.result.error, failed_part(job, seen.result.error))
     return completion(seen.result, created, request.max_new_tokens, api.settings.model)
 
 
-@router.get("/models", summary="the served model (OpenAI's list)")
+@router.get("/models", summary="the models the running workers serve (OpenAI's list)")
 async def models(api: Annotated[Services, Depends(services)]) -> dict[str, Any]:
-    entry = {"id": api.settings.model, "object": "model", "created": 0, "owned_by": "vlmq"}
-    return {"object": "list", "data": [entry]}
+    """Every model a running worker announced in the last minute (none while no worker runs)."""
+    served = await run_in_threadpool(served_models, api.client.ledger.redis, api.client.ledger.keys)
+    return {"object": "list", "data": [_model_entry(m) for m in served]}
 
 
 @router.get("/models/{model_id:path}", summary="one model (OpenAI's retrieve)")
 async def model(model_id: str, api: Annotated[Services, Depends(services)]) -> dict[str, Any]:
-    if model_id != api.settings.model:
-        raise ApiError(404, "model_not_found", f"this deployment serves {api.settings.model!r}", param="model")
+    served = await run_in_threadpool(served_models, api.client.ledger.redis, api.client.ledger.keys)
+    if model_id not in served:
+        raise ApiError(404, "model_not_found", f"no running worker serves {model_id!r}; they serve {served}", "model")
+    return _model_entry(model_id)
+
+
+def _model_entry(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "vlmq"}

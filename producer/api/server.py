@@ -9,6 +9,9 @@ import sys
 from pydantic import ValidationError
 
 from producer.api.settings import ApiSettings
+from producer.errors import CannotStart
+from producer.preflight import check_bucket
+from producer.storage import make_s3_client
 
 log = logging.getLogger(__name__)
 LOCAL_HOST = "127.0.0.1"
@@ -18,11 +21,26 @@ class NoApiKeys(RuntimeError):
     """VLMQ_API_KEYS is empty and the local-only flag was not given."""
 
 
+def check_buckets(settings: ApiSettings) -> None:
+    """The results and staging buckets exist. (Redis is not waited for: without it the API starts, answers 503 and
+    /readyz says so until it is back.)
+
+    Raises:
+        CannotStart: one of them does not.
+    """
+    s3 = make_s3_client(settings)
+    buckets = {settings.results_bucket: "VLMQ_RESULTS_BUCKET", settings.staging_bucket: "VLMQ_STAGING_BUCKET"}
+    for bucket, variable in buckets.items():
+        if bucket:
+            check_bucket(s3, bucket, variable, settings.s3_endpoint_url)
+
+
 def serve(host: str, port: int, allow_no_auth_local: bool = False, settings: ApiSettings | None = None) -> None:
     """Serve the API until interrupted.
 
     Raises:
         NoApiKeys: no key is configured and `allow_no_auth_local` is False.
+        CannotStart: the results or the staging bucket does not exist.
     """
     import uvicorn
 
@@ -38,6 +56,7 @@ def serve(host: str, port: int, allow_no_auth_local: bool = False, settings: Api
         if host != LOCAL_HOST:
             log.warning("no API keys: binding %s instead of %s", LOCAL_HOST, host)
         host = LOCAL_HOST
+    check_buckets(settings)
     log.info("vlmq api on http://%s:%d (%d keys; OpenAPI at /openapi.json)", host, port, len(settings.api_keys))
     # The access log would print query strings; it never sees headers, so keys stay out of it either way.
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False, proxy_headers=True)
@@ -47,7 +66,7 @@ def main(host: str, port: int, allow_no_auth_local: bool) -> int:
     """`vlmq api`: 0 after a clean shutdown, 2 when it cannot start (the message says why)."""
     try:
         serve(host, port, allow_no_auth_local=allow_no_auth_local)
-    except NoApiKeys as exc:
+    except (NoApiKeys, CannotStart) as exc:
         print(f"vlmq api: cannot start: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

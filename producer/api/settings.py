@@ -28,7 +28,10 @@ class ApiSettings(SharedSettings):
         description="bearer keys clients may send (JSON list, or comma-separated); empty refuses to start unless "
         "--allow-no-auth-local is given",
     )
-    model: str = Field(DEFAULT_MODEL, description="the model the workers serve, as /v1/models lists it")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="a completion's `model` when its result names none (/v1/models lists what running workers serve)",
+    )
     staging_bucket: str | None = Field(
         None, description="bucket of uploads, data: URL images and Batch API files; default VLMQ_RESULTS_BUCKET"
     )

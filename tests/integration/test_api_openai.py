@@ -173,8 +173,30 @@ def test_stream_true_is_refused_with_a_clear_400(sdk: openai.OpenAI, cat: tuple[
     }
 
 
-def test_models_lists_the_served_model(sdk: openai.OpenAI) -> None:
-    assert [m.id for m in sdk.models.list()] == ["llava-hf/llava-onevision-qwen2-0.5b-ov-hf"]
+def test_models_lists_the_model_the_running_worker_serves_as_completions_report_it(
+    sdk: openai.OpenAI, module_stack: Stack, cat: tuple[str, bytes]
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": cat[0]}}
+    answer = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": [image]}], max_tokens=1)
+
+    assert [m.id for m in sdk.models.list()] == [answer.model] == [str(module_stack.model)]
+    assert sdk.models.retrieve(str(module_stack.model)).id == str(module_stack.model)
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.models.retrieve("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+    assert caught.value.body["param"] == "model"  # type: ignore[index]
+
+
+def test_a_missing_image_fails_the_completion_naming_its_part(sdk: openai.OpenAI, cat: tuple[str, bytes]) -> None:
+    missing = f"s3://{MEDIA_BUCKET}/openai/not-there.png"
+    content = [{"type": "text", "text": "Which?"}, {"type": "image_url", "image_url": {"url": missing}}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=TOKENS)
+    assert caught.value.body == {
+        "message": f"{missing} does not exist; check the bucket and key",
+        "type": "invalid_request_error",
+        "param": "messages.0.content.1.image_url.url",
+        "code": "media_not_found",
+    }
 
 
 def batch_lines(uris: list[str]) -> list[dict[str, Any]]:

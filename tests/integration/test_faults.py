@@ -1,6 +1,6 @@
 """Faults in real processes: workers killed mid-batch, a job that kills every worker that runs it.
 
-Each test prints its figures (jobs, faults injected, lost, run twice, dead-lettered) for the README.
+Each test prints its figures (jobs, faults injected, lost, run twice, dead-lettered) for docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Outages of the services a worker depends on, in real processes: Redis restarted mid-run, S3 down for a while.
 
 Each test starts its own redis-server or SeaweedFS, so that stopping it leaves the session's shared servers (and the
-tests using them) alone, and prints its figures (jobs, outage, retried, lost) for the README.
+tests using them) alone, and prints its figures (jobs, outage, retried, lost) for docs/reliability.md.
 """
 
 from __future__ import annotations

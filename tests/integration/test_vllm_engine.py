@@ -22,8 +22,13 @@ from worker.devtools.local_services import free_port
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 TOKENS = 12
-# vLLM on CPU: a small KV cache and no pinning of its threads to cores (a test machine runs several workers).
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# vLLM on CPU: no pinning of its threads to cores (a test machine runs several workers). No VLLM_CPU_KVCACHE_SPACE:
+# the worker sizes vLLM's KV cache itself (vLLM's default reserves 90% of the machine's memory and refuses to start
+# when that much is not free).
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# The tiny model: 2 layers x 1 KV head x 32 values x 2 (keys and values) x 4 bytes; its max_model_len 32,768; 16 jobs
+# in flight (2 x the default batch of 8).
+KV_CACHE_LINE = "vLLM's KV cache: 0.25 GiB for 16 sequences of 32,768 tokens at 512 bytes per token, at most 25% of"
 
 if not VLLM_PYTHON.exists():
     if os.environ.get("VLMQ_REQUIRE_VLLM_TESTS") == "1":  # `make test` sets it: CI must run these
@@ -99,10 +104,12 @@ def test_every_job_returns_exactly_the_model_card_text_for_it_alone(stack: Stack
     jobs.append(Job(task="chat", messages=turns, max_new_tokens=TOKENS))
     plain_turns = [{**t, "content": [{k: v for k, v in c.items() if k != "url"} for c in t["content"]]} for t in turns]
     expected.append(reference_chat(stack.model, plain_turns, [photos["p5.png"]], [], TOKENS))
-    start_vllm_worker(stack)
+    worker = start_vllm_worker(stack)
 
     results = stack.client().run(jobs, progress=False, timeout=600)
 
+    log = worker.log_path.read_text()
+    assert KV_CACHE_LINE in log and "Explicitly set (0.25/" in log  # vLLM's own line: the size it allocated
     assert len(jobs) == 12
     assert [r.error for r in results] == [None] * len(jobs)
     assert [r.text for r in results] == expected
@@ -184,3 +191,24 @@ def test_a_dead_engine_exits_70_and_the_next_worker_finishes_every_job_once(stac
     # Once each: a job ran to its end in one worker; a job whose end was stored by the dying worker just before it
     # exited (its log line lost with it) was not run again, its redelivered copy returned the stored result.
     assert all(runs[h.id] == 1 or (runs[h.id] == 0 and stored[h.id] >= 1) for h in handles), (runs, stored)
+
+
+def test_an_engine_that_cannot_start_says_its_root_cause_in_one_line_and_exits_2(stack: Stack) -> None:
+    worker = stack.start_worker(
+        "--engine",
+        "vllm",
+        "--enforce-eager",
+        env={**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": "100000"},  # GiB: more than any test machine has
+        python=VLLM_PYTHON,
+        ready_count=0,
+    )
+
+    assert worker.proc.wait(timeout=300) == 2
+    lines = worker.log_path.read_text().splitlines()
+    assert not [line for line in lines if "Traceback" in line]  # vLLM's processes' tracebacks are in the log file
+    [said] = [line for line in lines if line.startswith("vlmq worker:")]
+    prefix = "vlmq worker: cannot start: the vLLM engine did not start: ValueError: Available memory on node 0 ("
+    assert said.startswith(prefix), said
+    assert "is less than requested memory for kv (100000.0 GiB). Decrease --kv-cache-memory-bytes, " in said
+    held = said.rsplit("(vLLM's output: ", 1)[1].rstrip(")")
+    assert "Traceback (most recent call last)" in Path(held).read_text()

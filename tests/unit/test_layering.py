@@ -20,15 +20,20 @@ API_FRAMEWORK = ("fastapi", "starlette", "uvicorn", "multipart")  # the `api` ex
 # are a test failure: place each new module in a layer.
 LAYERS: list[set[str]] = [
     {"worker.settings", "worker.errors", "worker.metrics", "worker.watchdog", "worker.isolation", "worker.batcher"},
-    {"worker.hooks", "worker.allocator"},
+    {"worker.hooks", "worker.allocator", "worker.preflight"},
     {"worker.media", "worker.engines", "worker.gate", "worker.health", "worker.lifecycle"},
     {"worker.preprocess"},
     {"worker.pool"},
     {"worker.pipeline", "worker.recovery", "worker.consumer"},
     {"worker.tasks"},
     {"worker.app", "worker.supervisor"},
-    {"worker.devtools.tiny", "worker.devtools.local_services", "worker.devtools.noop_engine"},
-    {"worker.devtools.demo", "worker.devtools.faults", "producer.cli"},
+    {
+        "worker.devtools.tiny",
+        "worker.devtools.local_services",
+        "worker.devtools.noop_engine",
+        "worker.devtools.samples",
+    },
+    {"worker.devtools.demo", "worker.devtools.faults", "worker.devtools.up", "producer.cli"},
 ]
 
 

@@ -69,5 +69,5 @@ def test_parquet_without_pyarrow_names_the_extra(monkeypatch: pytest.MonkeyPatch
     from producer.export import write_results
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(producer.MissingExtra, match=r"pip install 'vlmq\[parquet\]'"):
+    with pytest.raises(producer.MissingExtra, match=r"pip install -e '\.\[parquet\]' in vlmq's checkout"):
         write_results(lambda out, errors: (0, 0, 0), str(tmp_path / "out.parquet"), str(tmp_path / "err.parquet"))

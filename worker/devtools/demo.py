@@ -9,20 +9,20 @@ tiny random-weight model, saying so.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
 from producer.client import Client
 from producer.jobs import Generation, Job, JobResult
 from worker.devtools.local_services import RedisServer, SeaweedS3, Service, start_worker
+from worker.devtools.samples import sample_images
+from worker.devtools.tiny import model_or_tiny
 from worker.settings import DEFAULT_MODEL
 
 MEDIA_BUCKET = "vlmq-demo"
@@ -31,42 +31,17 @@ QUESTIONS = ["What shapes are in this picture?", "What is the main colour?", "Is
 console = Console(stderr=True)
 
 
-def sample_images(count: int) -> Iterator[tuple[str, bytes]]:
-    """Simple synthetic scenes in several sizes and aspect ratios, as JPEG and PNG."""
-    sizes = [(640, 480), (480, 640), (384, 384), (1024, 256), (300, 900), (800, 600)]
-    palette = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (240, 200, 30), (150, 60, 200), (20, 20, 20)]
-    for i in range(count):
-        w, h = sizes[i % len(sizes)]
-        image = Image.new("RGB", (w, h), palette[(i + 3) % len(palette)])
-        draw = ImageDraw.Draw(image)
-        draw.ellipse((w // 8, h // 8, w // 2, h // 2), fill=palette[i % len(palette)])
-        draw.rectangle((w // 2, h // 2, w - w // 8, h - h // 8), fill=palette[(i + 1) % len(palette)])
-        fmt, ext = ("PNG", "png") if i % 3 == 2 else ("JPEG", "jpg")
-        buf = io.BytesIO()
-        image.save(buf, format=fmt)
-        yield f"samples/scene-{i:02d}.{ext}", buf.getvalue()
-
-
 def choose_model(requested: str, workdir: Path) -> tuple[str, bool]:
     """The requested model if its files can be had (cache or hub), else a freshly written tiny model."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        if not Path(requested).is_dir():
-            with console.status(f"looking for {requested} (cache, then the Hugging Face Hub)"):
-                snapshot_download(requested, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
-        return requested, False
-    except Exception as exc:
-        reason = str(exc).splitlines()[0][:160]
-    from worker.devtools.tiny import make_tiny_model
-
-    tiny = make_tiny_model(workdir / "tiny-model")
-    console.print(
-        f"[bold yellow]Could not load {requested}[/] ({reason}).\n"
-        "[bold yellow]Using a tiny RANDOM-WEIGHT LLaVA-OneVision model instead: the pipeline is real, "
-        "the captions are meaningless.[/] Set VLMQ_MODEL to a local checkpoint to see real text."
-    )
-    return str(tiny), True
+    with console.status(f"looking for {requested} (cache, then the Hugging Face Hub)"):
+        model, reason = model_or_tiny(requested, workdir)
+    if reason is not None:
+        console.print(
+            f"[bold yellow]Could not load {requested}[/] ({reason}).\n"
+            "[bold yellow]Using a tiny RANDOM-WEIGHT LLaVA-OneVision model instead: the pipeline is real, "
+            "the captions are meaningless.[/] Set VLMQ_MODEL to a local checkpoint to see real text."
+        )
+    return model, reason is not None
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Start a throwaway Redis and SeaweedFS S3 server on free local ports (for `vlmq demo` and the tests).
+"""Start Redis, a SeaweedFS S3 server and workers on local ports (for `vlmq up`, `vlmq demo` and the tests).
 
 Readiness is waited for (a PING, an S3 ListBuckets), never slept for. SeaweedFS ignores SIGTERM for several
 seconds, so `stop` sends SIGTERM, then SIGKILL.
@@ -24,7 +24,7 @@ _PORT_RANGE = (20000, 34000)
 _GRPC_OFFSET = 10000
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -37,7 +37,7 @@ def free_port(with_grpc: bool = False) -> int:
     """A free TCP port on 127.0.0.1 below 45000 (and port + 10000 free too, when `with_grpc`)."""
     for _ in range(500):
         port = random.randint(*_PORT_RANGE)
-        if _port_free(port) and (not with_grpc or _port_free(port + _GRPC_OFFSET)):
+        if port_free(port) and (not with_grpc or port_free(port + _GRPC_OFFSET)):
             return port
     raise RuntimeError("no free local port found between 20000 and 44000")
 
@@ -79,13 +79,37 @@ class Service:
         return ""
 
 
-def _spawn(name: str, argv: list[str], workdir: Path, env: Mapping[str, str] | None = None) -> Service:
+def spawn(name: str, argv: list[str], workdir: Path, env: Mapping[str, str] | None = None) -> Service:
+    """Start `argv` in its own session (a Ctrl-C in the terminal reaches only whoever started it), its output
+    appended to `workdir/NAME.log`."""
     log_path = workdir / f"{name}.log"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
         )
     return Service(name=name, proc=proc, log_path=log_path)
+
+
+def spawn_worker(
+    model: str | Path,
+    workdir: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    name: str = "worker",
+    python: str | Path = sys.executable,
+) -> Service:
+    """Start `vlmq worker --model MODEL ARGS...` (log in `workdir/NAME.log`) without waiting for it. `python`: the
+    interpreter (another environment's, e.g. the vLLM one's)."""
+    argv = [str(python), "-m", "producer.cli", "worker", "--model", str(model), *args]
+    service = spawn(name, argv, workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    service.kill_after_s = 30  # SIGTERM is a warm shutdown: the running batch finishes first
+    return service
+
+
+def worker_ready(service: Service, ready_count: int = 1) -> bool:
+    """Whether Celery said ready `ready_count` times in the worker's log (a `--gpus` supervisor's children each
+    say it)."""
+    return service.log_path.read_bytes().count(b" ready.") >= ready_count
 
 
 def start_worker(
@@ -98,18 +122,11 @@ def start_worker(
     ready_count: int = 1,
     python: str | Path = sys.executable,
 ) -> Service:
-    """Start `vlmq worker --model MODEL ARGS...` (log in `workdir/NAME.log`) and wait until Celery says ready
-    (`ready_count` times: a `--gpus` supervisor's children each say it; 0: do not wait). `python`: the interpreter
-    (another environment's, e.g. the vLLM one's)."""
-    argv = [str(python), "-m", "producer.cli", "worker", "--model", str(model), *args]
-    service = _spawn(name, argv, workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    service.kill_after_s = 30  # SIGTERM is a warm shutdown: the running batch finishes first
+    """`spawn_worker`, then wait until it is ready (`ready_count` times; 0: do not wait)."""
+    service = spawn_worker(model, workdir, *args, env=env, name=name, python=python)
     try:
         wait_until(
-            lambda: service.log_path.read_bytes().count(b" ready.") >= ready_count,
-            timeout_s,
-            f"the worker ({service.log_path})",
-            service.proc,
+            lambda: worker_ready(service, ready_count), timeout_s, f"the worker ({service.log_path})", service.proc
         )
     except BaseException:
         service.stop()
@@ -136,7 +153,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
         argv += ["--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"]
-        self.service = _spawn("redis", argv, self.workdir)
+        self.service = spawn("redis", argv, self.workdir)
         self.service.kill_after_s = 10
 
         import redis
@@ -188,7 +205,7 @@ class SeaweedS3:
         argv += ["-filer", f"-filer.port={filer}", "-s3", f"-s3.port={s3_port}"]
         # Its Iceberg and Lance catalogs listen on fixed ports by default: off, so several servers can run at once.
         argv += ["-s3.port.iceberg=0", "-s3.port.lance=0"]
-        self.service = _spawn("seaweedfs", argv, self.workdir)
+        self.service = spawn("seaweedfs", argv, self.workdir)
 
         client = self.client()
         wait_until(

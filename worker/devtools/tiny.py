@@ -325,3 +325,25 @@ def _save_processor(
 def is_tiny_model(path: str | Path) -> bool:
     """True when `path` is a checkpoint written by `make_tiny_model`."""
     return (Path(path) / "VLMQ_TINY_MODEL").is_file()
+
+
+def model_or_tiny(requested: str, workdir: Path) -> tuple[str, str | None]:
+    """`requested` when it can be loaded here (a local directory, or a Hugging Face id whose files the cache or the
+    hub has: they are downloaded now), else the tiny model in `workdir/tiny-model` (written once, then reused).
+
+    Returns:
+        (the model to load, None) or (the tiny model's path, why `requested` could not be had).
+    """
+    if Path(requested).expanduser().is_dir():
+        return requested, None
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(requested, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+        return requested, None
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:160]
+    tiny = workdir / "tiny-model"
+    if not is_tiny_model(tiny):
+        make_tiny_model(tiny)
+    return str(tiny), reason

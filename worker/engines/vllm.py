@@ -31,6 +31,7 @@ from PIL import Image
 
 from producer.jobs import Generation
 from worker.engines.base import Decoded, DecodedMedia, Generated, Prepare
+from worker.engines.vllm_start import HeldOutput, KVCacheSize, cpu_kv_cache, root_cause
 from worker.errors import ConfigError, InferenceError, PromptTooLong
 from worker.hooks import Hooks
 from worker.metrics import Metrics
@@ -49,8 +50,9 @@ class Request:
     sampling: Any  # vllm.SamplingParams
 
 
-def engine_args(settings: WorkerSettings, device_type: str) -> dict[str, Any]:
-    """vLLM's engine arguments for these settings (`AsyncEngineArgs(**engine_args(...))`)."""
+def engine_args(settings: WorkerSettings, device_type: str, kv_cache: KVCacheSize | None = None) -> dict[str, Any]:
+    """vLLM's engine arguments for these settings (`AsyncEngineArgs(**engine_args(...))`); `kv_cache`: its size on
+    CPU (`worker.engines.vllm_start.cpu_kv_cache`)."""
     if settings.attn_implementation != "sdpa":
         raise ConfigError(
             f"--attn-implementation {settings.attn_implementation} applies to the hf engine only: vLLM picks its own "
@@ -64,10 +66,9 @@ def engine_args(settings: WorkerSettings, device_type: str) -> dict[str, Any]:
                 "--engine hf --quantization 4bit"
             )
         quantization = "bitsandbytes"
-    dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     return {
         "model": settings.model,
-        "dtype": dtype,
+        "dtype": vllm_dtype(settings, device_type),
         "quantization": quantization,
         "max_model_len": settings.max_model_len,
         "max_num_seqs": settings.max_num_seqs,
@@ -76,7 +77,23 @@ def engine_args(settings: WorkerSettings, device_type: str) -> dict[str, Any]:
         "limit_mm_per_prompt": {"image": settings.max_media_per_job, "video": settings.max_media_per_job},
         "seed": 0,
         "disable_log_stats": True,  # vLLM's own loggers off; vlmq's below still receive the statistics
+        "kv_cache_memory_bytes": kv_cache.bytes if kv_cache is not None else None,
     }
+
+
+def vllm_dtype(settings: WorkerSettings, device_type: str) -> str:
+    return settings.dtype if settings.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+
+
+def _start_failed(exc: Exception, output: str, log_path: str) -> ConfigError:
+    """One line for a vLLM engine that did not start: its root cause, not its processes' tracebacks."""
+    if isinstance(exc, ConfigError):
+        return exc
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    cause = root_cause(output) if "root cause" in message or not message else None
+    return ConfigError(
+        f"the vLLM engine did not start: {cause or f'{type(exc).__name__}: {message}'} (vLLM's output: {log_path})"
+    )
 
 
 class VLLMEngine:
@@ -118,11 +135,20 @@ class VLLMEngine:
         try:
             import vllm  # noqa: F401  (a clear error before anything else is loaded)
         except ImportError:
-            raise ConfigError("--engine vllm needs vLLM: pip install 'vlmq[vllm]' (or --engine hf)") from None
+            raise ConfigError(
+                "--engine vllm needs vLLM: pip install -e '.[vllm]' in vlmq's checkout (or --engine hf)"
+            ) from None
         started = time.perf_counter()
         engine = cls(settings, metrics, hooks)
         engine._thread.start()
-        engine.llm = asyncio.run_coroutine_threadsafe(engine._create(settings), engine.loop).result()
+        log.info("starting vLLM's engine for %s; its output follows once it has started", settings.model)
+        with HeldOutput() as output:
+            try:
+                engine.llm = asyncio.run_coroutine_threadsafe(engine._create(settings), engine.loop).result()
+            except Exception as exc:
+                engine.loop.call_soon_threadsafe(engine.loop.stop)
+                raise _start_failed(exc, *output.failed()) from exc
+            output.release()
         metrics.model_load_seconds.set(time.perf_counter() - started)
         engine.watchdog.start()
         threading.Thread(target=engine._watch_engine_core, name="vlmq-vllm-alive", daemon=True).start()
@@ -134,7 +160,11 @@ class VLLMEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**engine_args(settings, current_platform.device_type))
+        device_type = current_platform.device_type
+        kv_cache = cpu_kv_cache(settings, vllm_dtype(settings, device_type)) if device_type == "cpu" else None
+        if kv_cache is not None:
+            log.info("vLLM's KV cache: %s", kv_cache.describe())
+        args = AsyncEngineArgs(**engine_args(settings, device_type, kv_cache))
         return AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_logger])
 
     def _stat_logger(self, vllm_config: Any, engine_index: int = 0) -> Any:
