@@ -49,7 +49,7 @@ import psutil
 from PIL import Image
 
 from producer import Client, ClientSettings, Job
-from producer.jobs import Generation
+from producer.core.jobs import Generation
 from worker.devtools.local_services import Service, start_worker
 
 from common import ROOT, append_section, local_stack, machine
@@ -74,8 +74,8 @@ STAGES = [
     ("decode (Pillow, to RGB)", "decode_image (" + VLMQ + "worker/media/decode.py"),
     ("S3 GetObject of the image", "_fetch_s3 (" + VLMQ + "worker/media/sources.py"),
     ("the pool's hand-over (pipes, unpickling, shared memory, dispatch)", "(" + VLMQ + "worker/pool.py"),
-    ("S3 PutObject of the result", "write (" + VLMQ + "producer/results.py"),
-    ("job ledger in Redis (started, finished)", VLMQ + "producer/ledger.py"),
+    ("S3 PutObject of the result", "write (" + VLMQ + "producer/core/results.py"),
+    ("job ledger in Redis (started, finished)", VLMQ + "producer/core/ledger.py"),
     ("rest of vlmq's per-job code (intake, validation, metrics, logging)", "(" + VLMQ + "worker/"),
     ("Celery and kombu (messages, acks, result backend, pool)", "/celery/"),
     ("Celery and kombu (messages, acks, result backend, pool)", "/kombu/"),

@@ -50,7 +50,7 @@ def child(processor_dir: str, calls: int) -> None:
     from overhead import photo
     from PIL import Image
 
-    from producer.jobs import Generation
+    from producer.core.jobs import Generation
     from worker.engines.hf_model import VisionLanguageModel
     from worker.preprocess import shareable
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from producer import Client, ClientSettings, Job
-from producer.jobs import Generation
+from producer.core.jobs import Generation
 from worker.devtools.local_services import start_worker
 
 from common import ROOT, SIZES, append_section, local_stack, machine, make_images

@@ -4,8 +4,11 @@ Every error the producer raises on its own derives from `VlmqClientError` (see `
 breaks the contract raises pydantic's `ValidationError`, as `Job(...)` does.
 """
 
-from producer.batch import BatchHandle, BatchStatus
+from producer.batch import BatchHandle
 from producer.client import Client, JobHandle
+from producer.core.batches import BatchStatus
+from producer.core.jobs import Generation, Job, JobError, JobResult, Media, Message, MessagePart, Timings, VideoSampling
+from producer.core.ledger import DeadLetter
 from producer.errors import (
     InvalidBatchName,
     InvalidManifest,
@@ -14,8 +17,6 @@ from producer.errors import (
     ResultWriteError,
     VlmqClientError,
 )
-from producer.jobs import Generation, Job, JobError, JobResult, Media, Message, MessagePart, Timings, VideoSampling
-from producer.ledger import DeadLetter
 from producer.manifest import read_manifest, validate_manifest
 from producer.settings import ClientSettings
 

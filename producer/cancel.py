@@ -3,7 +3,7 @@
 kombu keeps a queue as Redis lists and a worker takes a message with BRPOP, so LREM of the message's exact bytes
 succeeds for exactly one side: if it removes the message, no worker has it and none ever will; if it removes
 nothing, a worker took it first (the job is running, or prefetched and about to) and it runs to its end. The job
-then ends `cancelled` through the one path every ending takes (producer/endings.py): a failed JobResult in S3 and
+then ends `cancelled` through the one path every ending takes (producer/core/endings.py): a failed JobResult in S3 and
 Celery's backend, its end in the ledger (so the lost-message recovery never sends it again) and in its batch's
 counts, which announce the batch when this was its last job.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from producer.broker import message_id, queue_lists
-from producer.endings import Endings
-from producer.jobs import JobError, JobResult
+from producer.core.broker import message_id, queue_lists
+from producer.core.endings import Endings
+from producer.core.jobs import JobError, JobResult
 
 SCAN_CHUNK = 1000
 

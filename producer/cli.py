@@ -17,12 +17,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from producer.cli_batch import EXIT_FAILED, EXIT_NO_RESULT, add_batch_parser, print_json
-from producer.worker_flags import add_worker_arguments, child_flags, worker_overrides
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from producer.client import Client, Priority
-    from producer.jobs import Job
+    from producer.core.jobs import Job
 
     common: dict[str, Any] = {"task": args.task, "max_new_tokens": args.max_new_tokens}
     if args.question:
@@ -101,36 +100,6 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from producer.errors import CannotStart
-    from worker.app import run_worker
-    from worker.devtools.faults import hooks_for
-    from worker.errors import ConfigError
-    from worker.settings import WorkerSettings
-
-    overrides = worker_overrides(args)
-    try:
-        settings = WorkerSettings(**overrides)
-    except ValidationError as exc:
-        print(f"vlmq worker: invalid settings:\n{exc}", file=sys.stderr)
-        return EXIT_NO_RESULT
-    if args.gpus:
-        from worker.supervisor import Supervisor, parse_gpus
-
-        try:
-            gpus = parse_gpus(args.gpus)
-        except ValueError as exc:
-            print(f"vlmq worker: {exc}", file=sys.stderr)
-            return EXIT_NO_RESULT
-        return Supervisor(gpus, child_flags(overrides), metrics_port=settings.metrics_port).run()
-    try:
-        run_worker(settings, hooks_for(settings.faults))
-    except (ConfigError, CannotStart) as exc:  # it cannot work here: the message says what to do; no traceback
-        print(f"vlmq worker: cannot start: {exc}", file=sys.stderr)
-        return EXIT_NO_RESULT
-    return 0
-
-
 def cmd_health(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
@@ -151,8 +120,8 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     import redis
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from producer.broker import QueueCollector
-    from producer.keys import Keys
+    from producer.core.broker import QueueCollector
+    from producer.core.keys import Keys
     from producer.settings import ClientSettings
 
     settings = ClientSettings()
@@ -213,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("worker", help="run a GPU worker: load the model, consume jobs in micro-batches")
-    add_worker_arguments(p)
-    p.set_defaults(func=cmd_worker)
+    from worker.cli import add_worker_command  # argparse only: the worker's runtime loads when the command runs
+
+    add_worker_command(sub)
 
     p = sub.add_parser("health", help="exit 0 if the worker on this machine is alive (or --ready), else 1")
     p.add_argument("--port", type=int, default=9808, help="the worker's VLMQ_METRICS_PORT (default 9808)")

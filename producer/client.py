@@ -12,16 +12,18 @@ from typing import Any
 from celery.result import AsyncResult
 from tqdm import tqdm
 
-from producer.batch import BatchHandle, BatchStore
+from producer.batch import BatchHandle
 from producer.cancel import cancel_queued
-from producer.endings import Endings
+from producer.core.batches import BatchStore
+from producer.core.endings import Endings
+from producer.core.jobs import JOB_ID_PATTERN, Job, JobResult
+from producer.core.ledger import DeadLetter, Ledger
+from producer.core.publish import Priority, Publisher, again, fresh, now_iso, producer_app
+from producer.core.results import ResultReader, ResultStore
+from producer.core.settings import SharedSettings
+from producer.core.storage import make_s3_client
 from producer.errors import InvalidBatchName
-from producer.jobs import JOB_ID_PATTERN, Job, JobResult
-from producer.ledger import DeadLetter, Ledger
-from producer.publish import Priority, Publisher, again, fresh, now_iso, producer_app
-from producer.results import ResultReader, ResultStore
-from producer.settings import ClientSettings, SharedSettings
-from producer.storage import make_s3_client
+from producer.settings import ClientSettings
 
 __all__ = ["BatchHandle", "Client", "JobHandle", "Priority"]
 
@@ -112,7 +114,7 @@ class Client:
 
     @cached_property
     def endings(self) -> Endings:
-        """How a job's end is recorded (producer/endings.py), for the jobs this client ends itself (cancel)."""
+        """How a job's end is recorded (producer/core/endings.py), for the jobs this client ends itself (cancel)."""
         return Endings(self.result_store, self.ledger, self.settings.webhook_secret, self.celery.backend)
 
     def submit(

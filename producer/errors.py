@@ -1,56 +1,23 @@
-"""Errors the producer side raises. Catch `VlmqClientError` for all of them; each also keeps the builtin base it
-had before it had its own class, so `except TimeoutError` / `except ValueError` / `except RuntimeError` still work.
-
-VlmqClientError
-├── ResultTimeout      (also TimeoutError)  no result within the timeout; the job may still be queued or running
-├── InvalidBatchName   (also ValueError)    a batch name outside [A-Za-z0-9._:-]{1,128}
-├── InvalidManifest    (also ValueError)    a manifest has bad lines; nothing was enqueued
-├── MissingExtra       (also RuntimeError)  an optional dependency is not installed (Parquet needs pyarrow)
-├── ResultWriteError                        a result object could not be written to S3 (workers wrap it)
-└── CannotStart        (also RuntimeError)  a process cannot start: its broker or a bucket is missing (exit 2)
-
-A job that breaks the contract raises pydantic's `ValidationError` (its message names the field), as `Job(...)`
-itself does: it is not in this tree.
+"""Every error the producer side raises, in one place: catch `VlmqClientError` for all of them (the tree is drawn
+in `producer.core.errors`, where all but `InvalidManifest` are defined).
 """
 
-from __future__ import annotations
+from producer.core.errors import (
+    CannotStart,
+    InvalidBatchName,
+    MissingExtra,
+    ResultTimeout,
+    ResultWriteError,
+    VlmqClientError,
+)
+from producer.manifest import InvalidManifest
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from producer.manifest import ManifestError
-
-
-class VlmqClientError(Exception):
-    """Base of every error the producer side raises on its own."""
-
-
-class ResultTimeout(VlmqClientError, TimeoutError):
-    """No result within the timeout; the job may still be queued or running."""
-
-
-class InvalidBatchName(VlmqClientError, ValueError):
-    """A batch name outside the job id alphabet: letters, digits and `. _ : -`, at most 128."""
-
-
-class InvalidManifest(VlmqClientError, ValueError):
-    """The manifest has bad lines; nothing was enqueued."""
-
-    def __init__(self, source: str, errors: list[ManifestError], more: int = 0) -> None:
-        self.errors = errors
-        listed = "\n".join(f"  {e}" for e in errors)
-        tail = f"\n  ... and {more} more" if more else ""
-        super().__init__(f"{source}: {len(errors) + more} bad lines, nothing was enqueued:\n{listed}{tail}")
-
-
-class MissingExtra(VlmqClientError, RuntimeError):
-    """An optional dependency is not installed; the message names the extra to install."""
-
-
-class ResultWriteError(VlmqClientError):
-    """A result object could not be written to S3 (the worker turns it into its `result_write_failed` error)."""
-
-
-class CannotStart(VlmqClientError, RuntimeError):
-    """`vlmq worker` or `vlmq api` cannot start: the broker does not answer (worker), or a bucket does not exist.
-    The message says what to do; the command prints it as one line and exits with status 2."""
+__all__ = [
+    "CannotStart",
+    "InvalidBatchName",
+    "InvalidManifest",
+    "MissingExtra",
+    "ResultTimeout",
+    "ResultWriteError",
+    "VlmqClientError",
+]

@@ -6,8 +6,8 @@ import json
 from collections.abc import Callable
 from typing import IO, Any
 
+from producer.core.jobs import JobResult
 from producer.errors import MissingExtra
-from producer.jobs import JobResult
 
 Counts = tuple[int, int, int]
 """(succeeded, failed, without a result yet)"""

@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.errors import InvalidManifest  # raised here; importable from here as before
-from producer.jobs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Job, describe_invalid, split_s3_uri
+from producer.core.errors import VlmqClientError
+from producer.core.jobs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Job, describe_invalid, split_s3_uri
 
 CSV_COLUMNS = ("uri", "task", "question", "prompt", "custom_id", "kind")
 
@@ -37,6 +37,16 @@ class ManifestError:
 
     def __str__(self) -> str:
         return f"line {self.line}: {self.reason}"
+
+
+class InvalidManifest(VlmqClientError, ValueError):
+    """The manifest has bad lines; nothing was enqueued."""
+
+    def __init__(self, source: str, errors: list[ManifestError], more: int = 0) -> None:
+        self.errors = errors
+        listed = "\n".join(f"  {e}" for e in errors)
+        tail = f"\n  ... and {more} more" if more else ""
+        super().__init__(f"{source}: {len(errors) + more} bad lines, nothing was enqueued:\n{listed}{tail}")
 
 
 def stable_id(job: Job) -> str:

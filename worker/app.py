@@ -12,13 +12,13 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
-from producer.broker import queue_lists
-from producer.celery_config import celery_config
-from producer.ledger import Ledger
-from producer.publish import Publisher
-from producer.results import ResultReader, ResultStore
-from producer.served import Announcer
-from producer.storage import make_s3_client
+from producer.core.broker import queue_lists
+from producer.core.celery_config import celery_config
+from producer.core.ledger import Ledger
+from producer.core.publish import Publisher
+from producer.core.results import ResultReader, ResultStore
+from producer.core.served import Announcer
+from producer.core.storage import make_s3_client
 from worker.errors import ConfigError
 from worker.settings import WorkerSettings
 
@@ -150,7 +150,7 @@ def _serve_health(settings: WorkerSettings, metrics: Metrics) -> Health:
 def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health: Health) -> Recovery:
     """Register the task, put the gate in front of Celery's consumer, and connect the start-up and shutdown signals;
     returns the lost-message recovery, started once the worker consumes."""
-    from producer.endings import Endings
+    from producer.core.endings import Endings
     from worker.consumer import Intake, VlmqConsumer, tolerate_foreign_envelopes
     from worker.lifecycle import Finisher
     from worker.recovery import Recovery

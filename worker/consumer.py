@@ -24,7 +24,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import Message as KombuMessage
 from kombu.utils.json import loads as _kombu_loads
 
-from producer.ledger import Ledger
+from producer.core.ledger import Ledger
 from worker import gate
 from worker.errors import InvalidJob, WorkerLost
 from worker.gate import Admitted, Deadlines, Refused

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Self
 
-from producer.jobs import ErrorCode, JobError
+from producer.core.jobs import ErrorCode, JobError
 
 
 class VlmqError(Exception):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from producer.jobs import TASK_NAME
+from producer.core.jobs import TASK_NAME
 from worker.errors import InvalidJob, VlmqError
 
 MAX_ID_CHARS = 256

@@ -8,7 +8,7 @@ that turn that into one terminal result per job are pure functions here (unit-te
   without running;
 - `retry_delay`: exponential backoff with equal jitter.
 
-`Finisher.finish` is how a worker records any ending: producer/endings.py's one path (which `Client.cancel` takes
+`Finisher.finish` is how a worker records any ending: producer/core/endings.py's one path (which `Client.cancel` takes
 too), plus the worker's metrics.
 """
 
@@ -24,9 +24,9 @@ from typing import Any, Literal, Protocol
 
 from celery.utils.time import get_exponential_backoff_interval
 
-from producer.endings import Endings
-from producer.errors import ResultWriteError
-from producer.jobs import JobResult
+from producer.core.endings import Endings
+from producer.core.errors import ResultWriteError
+from producer.core.jobs import JobResult
 from worker.errors import ResultWriteFailed, VlmqError
 from worker.metrics import Metrics
 
@@ -111,7 +111,7 @@ class Recorder(Protocol):
 
 
 class Finisher:
-    """A worker's way of recording a job's end (producer/endings.py, the one path every ending takes), with its
+    """A worker's way of recording a job's end (producer/core/endings.py, the one path every ending takes), with its
     metrics, and off the engine's process when it can (`recorder`: the preprocessing pool)."""
 
     def __init__(self, endings: Endings, metrics: Metrics) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.jobs import Job, JobResult, Timings, Usage, describe_invalid
-from producer.results import ResultStore
+from producer.core.jobs import Job, JobResult, Timings, Usage, describe_invalid
+from producer.core.results import ResultStore
 from worker.batcher import Incoming
 from worker.engines import Engine, preparation, start_engine
 from worker.errors import DecodeHung, InvalidJob, VlmqError

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from producer.jobs import Job, JobResult
+from producer.core.jobs import Job, JobResult
 from worker.engines.base import Preparation
 from worker.errors import ConfigError, WorkerLost
 from worker.hooks import Hooks

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from producer.preflight import check_broker, check_bucket
+from producer.core.preflight import check_broker, check_bucket
 from worker.errors import ConfigError
 from worker.settings import DEFAULT_MODEL, WorkerSettings
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from producer.endings import Endings
-from producer.jobs import Job, JobResult
-from producer.ledger import Ledger
-from producer.results import ResultStore
+from producer.core.endings import Endings
+from producer.core.jobs import Job, JobResult
+from producer.core.ledger import Ledger
+from producer.core.results import ResultStore
 from worker import media
 from worker.engines.base import Decoded, Preparation, Prepare, Shareable
 from worker.errors import DecodeHung, ResultWriteFailed, VlmqError
@@ -174,7 +174,7 @@ def serve(conn: Connection, settings: WorkerSettings, preparation: Preparation, 
 
 
 def _preprocessor(settings: WorkerSettings, preparation: Preparation, hooks: Hooks) -> tuple[Preprocessor, Finisher]:
-    from producer.storage import make_s3_client
+    from producer.core.storage import make_s3_client
 
     s3 = make_s3_client(settings, max_connections=JOBS_PER_PROCESS + 2)
     endings = Endings(ResultStore(s3, settings), Ledger(settings), settings.webhook_secret)

@@ -2,7 +2,7 @@
 
 kombu pops a message off the queue (BRPOP) and only then records it as unacknowledged. A worker killed between
 the two, or one whose reply from Redis was still unread in its socket, takes the message with it: the job never
-runs and never fails (kombu#305, kombu#1733). The ledger (`producer/ledger.py`) keeps every sent, unfinished job
+runs and never fails (kombu#305, kombu#1733). The ledger (`producer/core/ledger.py`) keeps every sent, unfinished job
 with a sequence number taken just before its message was pushed, so "pushed before the message now at the head
 of the queue" means "already popped". Such a job whose message is neither unacknowledged (held by a live worker)
 nor back in a queue list, on two sweeps at least `recover_interval_s` apart, was lost: it is sent again under its
@@ -27,9 +27,9 @@ from typing import Any
 
 import redis
 
-from producer.broker import message_id, queue_lists
-from producer.jobs import JobResult
-from producer.ledger import Ledger
+from producer.core.broker import message_id, queue_lists
+from producer.core.jobs import JobResult
+from producer.core.ledger import Ledger
 
 log = logging.getLogger(__name__)
 

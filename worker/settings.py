@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from producer.settings import SharedSettings
+from producer.core.settings import SharedSettings
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 VideoContainer = Literal["mp4", "matroska", "avi"]

@@ -20,8 +20,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from celery import Task
 from celery.exceptions import Retry
 
-from producer.jobs import TASK_NAME, Job, JobResult
-from producer.ledger import Ledger
+from producer.core.jobs import TASK_NAME, Job, JobResult
+from producer.core.ledger import Ledger
 from worker.errors import Cancelled, Expired, InvalidJob, VlmqError, WorkerLost
 from worker.gate import Deadlines, Refused
 from worker.isolation import Isolation

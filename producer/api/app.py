@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from producer.api import errors
+from producer.api.errors import ERROR_RESPONSES
+from producer.api.errors import install as install_error_handlers
 from producer.api.gate import Gate, Metrics
 from producer.api.limits import Limiter
 from producer.api.media import Stager
+from producer.api.services import AUTH, Services, services
 from producer.api.settings import ApiSettings
 from producer.api.submitter import Submitter
 from producer.api.waiting import Waiter
@@ -30,26 +30,6 @@ DESCRIPTION = """vlmq's HTTP front door: submit vision-language jobs, read their
 batches, and use OpenAI's chat completions and Batch API with the official SDKs (`base_url=http://host:port/v1`).
 Send `Authorization: Bearer <key>` with a key from `VLMQ_API_KEYS`. Every error is
 `{"error": {"message", "type", "param", "code"}}`, with vlmq's error code in `code`."""
-
-
-@dataclass
-class Services:
-    """What the routes share: settings, the producer client, the stager, the waiter and the submitter."""
-
-    settings: ApiSettings
-    client: Client
-    stager: Stager
-    waiter: Waiter
-    submitter: Submitter
-
-
-def services(request: Request) -> Services:
-    shared: Services = request.app.state.services
-    return shared
-
-
-bearer = HTTPBearer(auto_error=False, description="a key from VLMQ_API_KEYS")  # documents it; the gate checks it
-AUTH = [Depends(bearer)]
 
 
 def _ready(client: Client) -> dict[str, str]:
@@ -87,7 +67,11 @@ def _health_routes(app: FastAPI, metrics: Metrics) -> None:
 
 def create_app(settings: ApiSettings | None = None, client: Client | None = None) -> FastAPI:
     """The app; `settings` default to the environment, `client` to one built from them."""
-    from producer.api import batches, jobs, openai_batches, openai_chat, openai_files
+    from producer.api.batches import router as batches
+    from producer.api.jobs import router as jobs
+    from producer.api.openai_batches import router as openai_batches
+    from producer.api.openai_chat import router as openai_chat
+    from producer.api.openai_files import router as openai_files
 
     settings = settings or ApiSettings()
     client = client or Client(settings)
@@ -105,8 +89,8 @@ def create_app(settings: ApiSettings | None = None, client: Client | None = None
     app.state.services = shared
     metrics = Metrics()
     app.add_middleware(Gate, settings=settings, metrics=metrics, limiter=limiter)
-    errors.install(app)
+    install_error_handlers(app)
     _health_routes(app, metrics)
-    for module in (jobs, batches, openai_chat, openai_files, openai_batches):
-        app.include_router(module.router, dependencies=AUTH, responses=errors.ERROR_RESPONSES)
+    for router in (jobs, batches, openai_chat, openai_files, openai_batches):
+        app.include_router(router, dependencies=AUTH, responses=ERROR_RESPONSES)
     return app

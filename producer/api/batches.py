@@ -25,12 +25,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.api.app import Services, services
 from producer.api.errors import ApiError
-from producer.batch import BatchHandle, BatchStatusName
+from producer.api.services import Services, services
+from producer.batch import BatchHandle
 from producer.client import Client
+from producer.core.batches import BatchStatusName
+from producer.core.jobs import JOB_ID_PATTERN, JobResult, split_s3_uri
 from producer.errors import InvalidManifest
-from producer.jobs import JOB_ID_PATTERN, JobResult, split_s3_uri
 from producer.manifest import read_manifest, validate_manifest
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from producer.jobs import JobError
+from producer.core.jobs import JobError
 
 _TYPES = {
     400: "invalid_request_error",

@@ -14,10 +14,10 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from producer.api.app import Services, services
 from producer.api.errors import ApiError
+from producer.api.services import Services, services
 from producer.api.waiting import Seen, State
-from producer.jobs import JOB_ID_PATTERN, Job, JobResult, MediaKind
+from producer.core.jobs import JOB_ID_PATTERN, Job, JobResult, MediaKind
 
 router = APIRouter(tags=["jobs"])
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job's id")]

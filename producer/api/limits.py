@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from producer.api.errors import ApiError
 from producer.api.settings import ApiSettings
-from producer.keys import Keys
+from producer.core.keys import Keys
 
 log = logging.getLogger(__name__)
 LEASE_S = 30.0

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 
 from producer.api.errors import ApiError
 from producer.api.settings import ApiSettings
-from producer.jobs import Job, MediaKind, split_s3_uri
-from producer.netguard import address_allowed, effective_address, parse_networks
+from producer.core.jobs import Job, MediaKind, split_s3_uri
+from producer.core.netguard import address_allowed, effective_address, parse_networks
 
 SPOOL_BYTES = 8 << 20
 # How uploads go to S3: boto3 holds up to 10 parts of 8 MiB of one upload in memory by default; 4 still overlap

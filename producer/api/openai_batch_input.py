@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from producer.api.app import Services
 from producer.api.errors import ApiError, invalid
 from producer.api.openai_chat import ChatRequest, to_job
-from producer.jobs import Job
+from producer.api.services import Services
+from producer.core.jobs import Job
 
 ENDPOINT = "/v1/chat/completions"
 MAX_LINES = 50_000

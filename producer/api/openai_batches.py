@@ -31,12 +31,12 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from producer.api.app import Services, services
 from producer.api.errors import ApiError
 from producer.api.openai_batch_input import ENDPOINT, Rejected, count_requests, jobs_of
 from producer.api.openai_chat import completion
 from producer.api.openai_files import Files
-from producer.jobs import Job, JobResult
+from producer.api.services import Services, services
+from producer.core.jobs import Job, JobResult
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])

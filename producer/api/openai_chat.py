@@ -22,11 +22,11 @@ from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.api.app import Services, services
 from producer.api.errors import ApiError
 from producer.api.media import Stager
-from producer.jobs import JOB_ID_PATTERN, Generation, Job, JobError, JobResult, MediaKind
-from producer.served import served_models
+from producer.api.services import Services, services
+from producer.core.jobs import JOB_ID_PATTERN, Generation, Job, JobError, JobResult, MediaKind
+from producer.core.served import served_models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_MAX_TOKENS = Generation.model_fields["max_new_tokens"].default

@@ -25,9 +25,9 @@ from fastapi import APIRouter, Depends, Form, Path, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from producer.api.app import Services, services
 from producer.api.errors import ApiError
 from producer.api.media import UPLOAD
+from producer.api.services import Services, services
 from producer.api.settings import ApiSettings
 
 router = APIRouter(prefix="/v1", tags=["openai"])

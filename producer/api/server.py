@@ -9,9 +9,9 @@ import sys
 from pydantic import ValidationError
 
 from producer.api.settings import ApiSettings
+from producer.core.preflight import check_bucket
+from producer.core.storage import make_s3_client
 from producer.errors import CannotStart
-from producer.preflight import check_bucket
-from producer.storage import make_s3_client
 
 log = logging.getLogger(__name__)
 LOCAL_HOST = "127.0.0.1"

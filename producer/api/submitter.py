@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from producer.client import Client
-from producer.jobs import Job
-from producer.publish import Priority
+from producer.core.jobs import Job
+from producer.core.publish import Priority
 
 log = logging.getLogger(__name__)
 

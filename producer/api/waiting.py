@@ -22,8 +22,8 @@ import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 
 from producer.client import Client
-from producer.jobs import JobResult
-from producer.results import READY_STATES, from_celery
+from producer.core.jobs import JobResult
+from producer.core.results import READY_STATES, from_celery
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05

@@ -15,8 +15,8 @@ import pytest
 import redis
 from PIL import Image
 
-from producer.broker import queue_lists
-from producer.jobs import DEFAULT_CAPTION_PROMPT
+from producer.core.broker import queue_lists
+from producer.core.jobs import DEFAULT_CAPTION_PROMPT
 from tests.apiserver import Api, module_stack, start_api
 from tests.conftest import MEDIA_BUCKET, Stack
 from tests.helpers import count_in_logs

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer.jobs import DEFAULT_CAPTION_PROMPT
+from producer.core.jobs import DEFAULT_CAPTION_PROMPT
 from tests.apiserver import start_api
 from tests.conftest import MEDIA_BUCKET, Stack
 from tests.reference import encode, random_image, reference_text

@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 from PIL import Image
 
 from producer import Client, Job, JobResult
-from producer.jobs import MAX_TEXT_CHARS, TASK_NAME
+from producer.core.jobs import MAX_TEXT_CHARS, TASK_NAME
 from tests.conftest import MEDIA_BUCKET, Stack
 from tests.helpers import ALLOWED_HOST, SECRET_HOST, serve
 from tests.reference import encode, make_clip, random_image
@@ -54,7 +54,7 @@ def publish_body(client: Client, queue: str, body: bytes, content_type: str) -> 
     task_id = str(uuid.uuid4())
     headers, properties, _, _ = client.celery.amqp.as_task_v2(task_id, TASK_NAME, args=[{}])
     with client.celery.producer_or_acquire() as producer:
-        producer.publish(
+        producer.core.publish(
             body,
             exchange="",
             routing_key=queue,

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import redis
 
 from producer import Job
+from producer.core.webhook import signature
 from producer.manifest import read_manifest
-from producer.webhook import signature
 from tests.conftest import MEDIA_BUCKET, Stack
 from tests.helpers import count_in_logs
 from tests.reference import encode, random_image

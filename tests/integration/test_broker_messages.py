@@ -19,8 +19,8 @@ from typing import Any
 import redis
 
 from producer import Job
-from producer.broker import queue_lists
-from producer.results import ResultStore
+from producer.core.broker import queue_lists
+from producer.core.results import ResultStore
 from tests.conftest import Stack
 from tests.helpers import (
     ALLOWED_HOST,

@@ -20,7 +20,7 @@ import pytest
 from celery import Celery
 
 from producer import Job
-from producer.jobs import TASK_NAME
+from producer.core.jobs import TASK_NAME
 from tests.conftest import Stack
 from tests.helpers import upload_images
 from worker.app import create_app

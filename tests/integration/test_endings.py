@@ -1,4 +1,4 @@
-"""Every way a job ends, recorded by the one path (producer/endings.py through worker.lifecycle.Finisher), and
+"""Every way a job ends, recorded by the one path (producer/core/endings.py through worker.lifecycle.Finisher), and
 `JobRun` over every decision of the lifecycle: in this process, on a real Redis and SeaweedFS, with the real pipeline
 in front of an engine that answers at once (no model). What each ending leaves where is the contract the README's
 reliability guarantees rest on: the S3 result, Celery's result, the ledger, the dead letters, the batch counts."""
@@ -16,11 +16,11 @@ import pytest
 from celery.exceptions import Retry
 from celery.result import AsyncResult
 
-from producer.endings import Endings
-from producer.jobs import Job, JobError, JobResult
-from producer.ledger import Ledger
-from producer.results import ResultStore
-from producer.storage import make_s3_client
+from producer.core.endings import Endings
+from producer.core.jobs import Job, JobError, JobResult
+from producer.core.ledger import Ledger
+from producer.core.results import ResultStore
+from producer.core.storage import make_s3_client
 from tests.conftest import MEDIA_BUCKET, RESULTS_BUCKET
 from tests.reference import encode, random_image
 from worker.app import create_app

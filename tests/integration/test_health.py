@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 from producer import Job
-from producer.broker import queue_stats
+from producer.core.broker import queue_stats
 from tests.conftest import Stack
 from tests.helpers import LONG_QUESTION, OVER_TOKENS, scrape, upload_images
 from worker.devtools.local_services import free_port, wait_until

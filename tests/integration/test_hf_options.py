@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from producer import Job
-from producer.jobs import Generation
+from producer.core.jobs import Generation
 from tests.conftest import MEDIA_BUCKET, Stack
 from tests.reference import encode, random_image
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 
 from producer import JobResult
-from producer.batch import BatchStore
-from producer.ledger import Ledger
+from producer.core.batches import BatchStore
+from producer.core.ledger import Ledger
 from producer.settings import ClientSettings
 from tests.conftest import Stack
 

@@ -13,7 +13,7 @@ from celery.result import AsyncResult
 from PIL import Image
 
 from producer import Job
-from producer.jobs import Generation
+from producer.core.jobs import Generation
 from tests.conftest import MEDIA_BUCKET, RESULTS_BUCKET, Stack
 from tests.reference import encode, random_image, reference_text
 

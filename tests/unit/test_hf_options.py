@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from producer.cli import build_parser
-from producer.jobs import Generation, Job
-from producer.worker_flags import child_flags, worker_overrides
+from producer.core.jobs import Generation, Job
 from tests.reference import random_image
+from worker.cli import child_flags, worker_overrides
 from worker.engines.hf_load import CPU_FLOAT16_WARNING, resolve_dtype
 from worker.engines.hf_model import VisionLanguageModel
 from worker.errors import ConfigError

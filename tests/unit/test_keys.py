@@ -1,13 +1,13 @@
-"""Every Redis key vlmq writes comes from `producer/keys.py`: today's names by default, all moved by a namespace."""
+"""Every Redis key vlmq writes comes from `producer/core/keys.py`: today's names by default, moved by a namespace."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from producer.batch import BatchStore
-from producer.keys import Keys
-from producer.ledger import Ledger
+from producer.core.batches import BatchStore
+from producer.core.keys import Keys
+from producer.core.ledger import Ledger
 from producer.settings import ClientSettings
 
 
@@ -36,7 +36,7 @@ def every_key(keys: Keys) -> list[str]:
     ]
 
 
-# The literals the code built before `producer/keys.py` (ledger.py, recovery.py, batch.py, broker.py).
+# The literals the code built before `producer/core/keys.py` (ledger.py, recovery.py, batch.py, broker.py).
 TODAYS_KEYS = [
     "vlmq:deliveries:j1",
     "vlmq:done:j1",

@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "torchvision", "transformers", "decord", "vllm")
 API_FRAMEWORK = ("fastapi", "starlette", "uvicorn", "multipart")  # the `api` extra
@@ -33,7 +31,9 @@ LAYERS: list[set[str]] = [
         "worker.devtools.noop_engine",
         "worker.devtools.samples",
     },
-    {"worker.devtools.demo", "worker.devtools.faults", "worker.devtools.up", "producer.cli"},
+    {"worker.devtools.demo", "worker.devtools.faults", "worker.devtools.up"},
+    {"worker.cli"},
+    {"producer.cli"},
 ]
 
 
@@ -132,13 +132,38 @@ def test_worker_modules_import_only_downward() -> None:
 
 def test_no_runtime_module_imports_the_devtools() -> None:
     """Fault injection and the no-op engine act through worker.hooks, installed by `vlmq worker` from outside."""
-    runtime = {n: p for n, p in project_modules("worker").items() if not n.startswith("worker.devtools")}
+    installers = ("worker.devtools", "worker.cli")  # `vlmq worker` installs the hooks
+    runtime = {n: p for n, p in project_modules("worker").items() if not n.startswith(installers)}
     assert sorted(f"{n} imports {i}" for n, p in runtime.items() for i in imports_of(p) if "devtools" in i) == []
 
 
-@pytest.mark.parametrize("package", ["worker.media", "worker.engines"])
-def test_a_worker_package_has_no_import_cycle(package: str) -> None:
-    modules = {n: p for n, p in project_modules("worker").items() if n == package or n.startswith(package + ".")}
+def test_the_shared_core_imports_nothing_else_of_the_producer() -> None:
+    """producer.core is what producers and workers share; the client, the API and the CLI build on it."""
+    core = {n: p for n, p in project_modules("producer").items() if n.startswith("producer.core")}
+    offenders = [
+        f"{name} imports {imported}"
+        for name, path in core.items()
+        for imported in imports_of(path)
+        if imported.startswith("producer") and not imported.startswith("producer.core")
+    ]
+    assert offenders == []
+
+
+def test_the_worker_imports_nothing_of_the_producer_but_the_shared_core() -> None:
+    """Its developer tools (a demo, `vlmq up`) are producers too and may use the client."""
+    worker = {n: p for n, p in project_modules("worker").items() if not n.startswith("worker.devtools")}
+    offenders = [
+        f"{name} imports {imported}"
+        for name, path in worker.items()
+        for imported in imports_of(path)
+        if imported.startswith("producer") and not imported.startswith("producer.core")
+    ]
+    assert offenders == []
+
+
+def test_no_import_cycle_anywhere() -> None:
+    """Every import counts, function-local and TYPE_CHECKING ones too: a cycle hidden behind them is still one."""
+    modules = {**project_modules("producer"), **project_modules("worker")}
     graph = {n: {resolve(i, modules) for i in imports_of(p)} - {None, n} for n, p in modules.items()}
     done: set[str] = set()
 

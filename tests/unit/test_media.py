@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.jobs import VideoSampling
+from producer.core.jobs import VideoSampling
 from tests.reference import make_clip
 from worker.errors import MediaForbidden, MediaNotFound, MediaTooLarge, MediaUndecodable, MediaUnsupported
 from worker.media.decode import decode_image, decode_video, frame_indices, video_container

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from producer.jobs import Generation, Job
+from producer.core.jobs import Generation, Job
 from tests.reference import random_image, reference_text
 from worker.devtools.tiny import is_tiny_model
 from worker.engines.hf_load import resolve_device

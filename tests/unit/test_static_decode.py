@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.jobs import Generation, Job
+from producer.core.jobs import Generation, Job
 from tests.reference import random_image, reference_text
 from worker.engines.decode_plan import DecodePlan
 from worker.engines.hf_model import Prepared, VisionLanguageModel

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.client import Client
-from producer.jobs import Generation, Job, JobResult
+from producer.core.jobs import Generation, Job, JobResult
 from worker.devtools.local_services import RedisServer, SeaweedS3, Service, start_worker
 from worker.devtools.samples import sample_images
 from worker.devtools.tiny import model_or_tiny

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from producer.jobs import Generation
+from producer.core.jobs import Generation
 
 if TYPE_CHECKING:
     from worker.hooks import Hooks

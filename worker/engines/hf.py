@@ -232,7 +232,7 @@ def measure_prefill_bytes(model: VisionLanguageModel) -> float:
     import torch
     from PIL import Image
 
-    from producer.jobs import Generation, Job
+    from producer.core.jobs import Generation, Job
 
     job = Job(task="caption", media=["s3://warm-up/640x480.jpg"])
     image = Image.fromarray(np.full((480, 640, 3), 127, dtype=np.uint8))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from producer.jobs import Generation
+from producer.core.jobs import Generation
 from worker.engines.base import Generated, Prepare
 from worker.engines.hf_load import (
     CPU_FLOAT16_WARNING,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from producer.jobs import Generation
+from producer.core.jobs import Generation
 from worker.engines.decode_plan import DecodePlan
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from producer.jobs import Generation
+from producer.core.jobs import Generation
 from worker.engines.base import Decoded, DecodedMedia, Generated, Prepare
 from worker.engines.vllm_start import HeldOutput, KVCacheSize, cpu_kv_cache, root_cause
 from worker.errors import ConfigError, InferenceError, PromptTooLong

@@ -21,11 +21,11 @@ import fcntl
 import math
 import os
 import re
+import select
 import sys
 import tempfile
 import termios
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,8 +148,16 @@ class HeldOutput:
             self._restore()
 
     def _pump(self, read_end: int, fd: int) -> None:
-        while chunk := os.read(read_end, 65536):  # until every writer (this process, its children) has closed it
+        # Reads only under the lock, once select says a read will not block: `release`, holding the lock, then
+        # knows that no chunk is between the pipe and `_held`, so what it writes out comes first.
+        while True:
+            readable, _, _ = select.select([read_end], [], [], 0.05)
+            if not readable:
+                continue
             with self._lock:
+                chunk = os.read(read_end, 65536)
+                if not chunk:  # every writer (this process, its children) has closed it
+                    break
                 if self._holding:
                     self._held.append((fd, chunk))
                 else:
@@ -162,13 +170,13 @@ class HeldOutput:
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)  # this process writes to its own output again; children keep writing to the pipes
 
-    def release(self, wait_s: float = 1.0) -> None:
+    def release(self) -> None:
         """The engine started: write out what was held; from now on the children's output passes straight through."""
         self._restore()
-        deadline = time.monotonic() + wait_s
-        while any(_unread(fd) for fd in self._read_ends) and time.monotonic() < deadline:
-            time.sleep(0.005)  # until the pumps have read what this process wrote before: it comes out first
-        with self._lock:
+        with self._lock:  # what this process wrote before is in the pipes or held: it comes out first
+            for read_end, fd in zip(self._read_ends, (1, 2), strict=True):
+                while _unread(read_end):
+                    self._held.append((fd, os.read(read_end, 65536)))
             for fd, chunk in self._held:
                 os.write(self._saved[fd], chunk)
             self._held.clear()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from producer.jobs import Media, VideoSampling
+from producer.core.jobs import Media, VideoSampling
 from worker.errors import DecodeHung
 from worker.media.decode import Decoded, Video, decode_image, decode_video, frame_indices, video_container
 from worker.media.https import HttpFetcher

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from producer.jobs import VideoSampling
+from producer.core.jobs import VideoSampling
 from worker.errors import MediaError, MediaTooLarge, MediaUndecodable, MediaUnsupported
 from worker.media.limits import check_video_limits
 from worker.settings import WorkerSettings

@@ -38,7 +38,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 
-from producer.netguard import address_allowed, effective_address, is_public, parse_networks
+from producer.core.netguard import address_allowed, effective_address, is_public, parse_networks
 from worker.errors import MediaForbidden, MediaNotFound, MediaTooLarge, MediaUnavailable
 from worker.media.limits import check_media_bytes
 from worker.settings import WorkerSettings
@@ -50,7 +50,7 @@ try:  # Mozilla's CA bundle, as requests uses; without certifi, the system's sto
 except ImportError:  # pragma: no cover
     CA_CERTS = None
 
-__all__ = ["HttpFetcher", "address_allowed", "is_public"]  # the address checks live in producer/netguard.py
+__all__ = ["HttpFetcher", "address_allowed", "is_public"]  # the address checks live in producer/core/netguard.py
 
 MAX_REDIRECTS = 5
 DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from producer.jobs import split_s3_uri
+from producer.core.jobs import split_s3_uri
 from worker.errors import MediaForbidden, MediaNotFound, MediaUnavailable
 from worker.media.https import HttpFetcher
 from worker.media.limits import check_media_bytes

@@ -14,10 +14,10 @@ from typing import Any, Literal
 from celery import Celery
 from celery.backends.redis import RedisBackend
 
-from producer.celery_config import celery_config
-from producer.jobs import TASK_NAME, Job
-from producer.ledger import Ledger
-from producer.settings import SharedSettings
+from producer.core.celery_config import celery_config
+from producer.core.jobs import TASK_NAME, Job
+from producer.core.ledger import Ledger
+from producer.core.settings import SharedSettings
 
 Priority = Literal["interactive", "bulk"]
 Outgoing = tuple[str, dict[str, Any]]

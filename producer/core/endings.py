@@ -19,11 +19,11 @@ from typing import Any
 
 import redis
 
-from producer.batch import BatchStore, JobState
-from producer.errors import ResultWriteError
-from producer.jobs import JobResult
-from producer.ledger import Ledger
-from producer.results import ResultStore
+from producer.core.batches import BatchStore, JobState
+from producer.core.errors import ResultWriteError
+from producer.core.jobs import JobResult
+from producer.core.ledger import Ledger
+from producer.core.results import ResultStore
 
 log = logging.getLogger(__name__)
 

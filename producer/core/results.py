@@ -21,9 +21,9 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from tqdm import tqdm
 
-from producer.errors import ResultTimeout, ResultWriteError
-from producer.jobs import JOB_ID_PATTERN, ErrorCode, JobError, JobResult
-from producer.settings import SharedSettings
+from producer.core.errors import ResultTimeout, ResultWriteError
+from producer.core.jobs import JOB_ID_PATTERN, ErrorCode, JobError, JobResult
+from producer.core.settings import SharedSettings
 
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _NOT_FOUND = ("NoSuchKey", "404", "NotFound")

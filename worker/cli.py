@@ -1,13 +1,18 @@
-"""The flags of `vlmq worker`: each one overrides the `VLMQ_` setting of the same name (worker/settings.py).
-
-Kept apart from cli.py so the command line stays thin; nothing here imports the worker (the CLI's `cmd_worker` does,
-when it runs). Choices are checked again by the worker's settings, which name the environment variable.
+"""`vlmq worker`: its flags, each overriding the `VLMQ_` setting of the same name (worker/settings.py), and the
+command itself. `vlmq`'s parser (producer/cli.py) adds it with `add_worker_command`; importing this module loads
+nothing of the worker's runtime (the command imports it when it runs). Choices are checked again by the worker's
+settings, which name the environment variable.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
+
+from pydantic import ValidationError
+
+from worker.supervisor import EXIT_CANNOT_START
 
 # Settings a flag may override, in the order `--help` lists them.
 SETTINGS = (
@@ -141,3 +146,41 @@ def child_flags(overrides: dict[str, Any]) -> list[str]:
         else:
             flags.append(f"{flag}={value}")
     return flags
+
+
+def add_worker_command(sub: Any) -> None:
+    """Add `vlmq worker` to `vlmq`'s subcommands (`sub`: argparse's subparsers action)."""
+    p = sub.add_parser("worker", help="run a GPU worker: load the model, consume jobs in micro-batches")
+    add_worker_arguments(p)
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a worker (or, with --gpus, one per GPU under a supervisor); 2 when it cannot start here."""
+    from producer.core.errors import CannotStart
+    from worker.app import run_worker
+    from worker.devtools.faults import hooks_for
+    from worker.errors import ConfigError
+    from worker.settings import WorkerSettings
+
+    overrides = worker_overrides(args)
+    try:
+        settings = WorkerSettings(**overrides)
+    except ValidationError as exc:
+        print(f"vlmq worker: invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    if args.gpus:
+        from worker.supervisor import Supervisor, parse_gpus
+
+        try:
+            gpus = parse_gpus(args.gpus)
+        except ValueError as exc:
+            print(f"vlmq worker: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_START
+        return Supervisor(gpus, child_flags(overrides), metrics_port=settings.metrics_port).run()
+    try:
+        run_worker(settings, hooks_for(settings.faults))
+    except (ConfigError, CannotStart) as exc:  # it cannot work here: the message says what to do; no traceback
+        print(f"vlmq worker: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    return 0

@@ -49,7 +49,7 @@ Per bearer key of `vlmq api` (`<fp>`, the first 16 hex digits of the key's SHA-2
 Per deployment:
 
 - `vlmq:models`: sorted set of model -> when its announcement expires: the models running workers serve
-  (`producer/served.py`; `vlmq api` lists them on /v1/models).
+  (`producer/core/served.py`; `vlmq api` lists them on /v1/models).
 
 Not here, and not namespaced: kombu's own keys (the queue lists `<queue>` and `<queue>\\x06\\x16<step>`,
 `unacked`, `unacked_index`, `_kombu.binding.*`) and Celery's results (`celery-task-meta-<id>`); queue names
@@ -62,7 +62,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from producer.settings import SharedSettings
+    from producer.core.settings import SharedSettings
 
 DEFAULT_NAMESPACE = "vlmq"
 
@@ -156,5 +156,5 @@ class Keys:
 
     # -- per deployment ------------------------------------------------------------------------------------------
     def models(self) -> str:
-        """The models running workers serve (`producer/served.py`)."""
+        """The models running workers serve (`producer/core/served.py`)."""
         return self._key("models")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from producer.settings import SharedSettings
+from producer.core.settings import SharedSettings
 
 
 def celery_config(settings: SharedSettings) -> dict[str, Any]:

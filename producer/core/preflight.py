@@ -17,7 +17,7 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from kombu.utils.url import maybe_sanitize_url
 
-from producer.errors import CannotStart
+from producer.core.errors import CannotStart
 
 log = logging.getLogger(__name__)
 _NO_BUCKET = ("404", "NoSuchBucket", "NotFound")

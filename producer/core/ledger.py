@@ -1,6 +1,6 @@
 """Per-job bookkeeping in Redis that Celery does not keep: deliveries, finished jobs, dead letters, pending jobs.
 
-Its keys, and what each holds, are listed in `producer/keys.py`.
+Its keys, and what each holds, are listed in `producer/core/keys.py`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import redis
 
-from producer.jobs import JobResult
-from producer.keys import Keys
-from producer.settings import SharedSettings
+from producer.core.jobs import JobResult
+from producer.core.keys import Keys
+from producer.core.settings import SharedSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class DeadLetter:
 
 
 class Ledger:
-    """The per-job and per-queue keys of `producer/keys.py`, on the broker's Redis."""
+    """The per-job and per-queue keys of `producer/core/keys.py`, on the broker's Redis."""
 
     def __init__(self, settings: SharedSettings, client: redis.Redis | None = None) -> None:
         self.settings = settings

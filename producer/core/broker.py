@@ -19,7 +19,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from producer.keys import Keys
+from producer.core.keys import Keys
 
 _PRIORITY_STEPS = (0, 3, 6, 9)
 

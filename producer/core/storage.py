@@ -1,4 +1,4 @@
-"""The S3 client shared by producers and workers (result objects are read and written in `producer/results.py`)."""
+"""The S3 client shared by producers and workers (result objects are read and written in `producer/core/results.py`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from producer.settings import SharedSettings
+from producer.core.settings import SharedSettings
 
 
 def make_s3_client(settings: SharedSettings, max_connections: int = 10) -> Any:

@@ -13,7 +13,7 @@ import time
 
 import redis
 
-from producer.keys import Keys
+from producer.core.keys import Keys
 
 ANNOUNCE_EVERY_S = 15.0
 ANNOUNCEMENT_TTL_S = 60.0
