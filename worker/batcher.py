@@ -6,7 +6,7 @@ Pure Python (no Celery, no torch) so its policy can be tested with a fake clock:
 - a batch holds at most `max_batch_size` items, and only as many as `fits` accepts (the engine's memory: a batch of
   long prompts holds fewer jobs); a key's items flush as soon as its batch is full;
 - otherwise the oldest waiting item's key flushes when that item has waited `max_wait_s`, taking whatever of its
-  key is ready, or at once when `more_coming` says no other job is on its way (waiting could not fill it).
+  key is ready, or at once when `incoming` says no other job is on its way (waiting could not fill it).
 
 While the consumer runs a batch, new items keep arriving; when it comes back, anything whose wait is over
 flushes at once, so under load batches fill up and the model never idles waiting for a timer.
@@ -34,16 +34,21 @@ class BatcherClosed(RuntimeError):
 
 
 class Incoming:
-    """A count of the jobs on their way to a batcher (being fetched, decoded, prepared): while there are some, a
-    partial batch may wait for them."""
+    """A count of the jobs on their way to a batcher (being fetched, decoded, prepared, handed over): while there
+    are some, a partial batch may wait for them. A job counts until it is in the batcher, so when the count reaches
+    0 nothing is about to arrive; listeners (the batcher) hear of each job that stops counting."""
 
     def __init__(self) -> None:
         self._count = 0
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
 
     @contextmanager
     def job(self) -> Iterator[None]:
-        """Count one job for the duration of the block."""
+        """Count one job for the duration of the block (its preparation and its hand-over to the batcher)."""
         with self._lock:
             self._count += 1
         try:
@@ -51,8 +56,11 @@ class Incoming:
         finally:
             with self._lock:
                 self._count -= 1
+            for listener in self._listeners:
+                listener()
 
-    def __bool__(self) -> bool:
+    def any(self) -> bool:
+        """Whether some job is on its way."""
         return self._count > 0
 
 
@@ -77,7 +85,8 @@ class Batcher(Generic[T, R]):
         max_batch_size: most items per batch.
         max_wait_s: longest the oldest waiting item waits for batch-mates.
         fits: whether a batch of these items (same key, arrival order) may run together; a lone item always may.
-        more_coming: whether more items are on their way; when not, a partial batch does not wait for them.
+        incoming: the items on their way; while there are none, a partial batch does not wait for more (None: it
+            always waits up to `max_wait_s`).
         clock: monotonic clock in seconds; tests pass a fake one.
     """
 
@@ -88,7 +97,7 @@ class Batcher(Generic[T, R]):
         max_batch_size: int,
         max_wait_s: float,
         fits: Callable[[list[T]], bool] | None = None,
-        more_coming: Callable[[], bool] = lambda: True,
+        incoming: Incoming | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -99,7 +108,9 @@ class Batcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._fits = fits
-        self._more_coming = more_coming
+        self._incoming = incoming
+        if incoming is not None:
+            incoming.listen(self._wake)
         self._clock = clock
         self._pending: list[Pending[T, R]] = []
         self._seq = itertools.count()
@@ -117,6 +128,10 @@ class Batcher(Generic[T, R]):
             self._pending.append(pending)
             self._cond.notify()
         return pending.future
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def __len__(self) -> int:
         with self._cond:
@@ -146,7 +161,8 @@ class Batcher(Generic[T, R]):
             batch = min(full, key=lambda b: b[0].seq)
         else:
             waited = self._clock() - oldest.enqueued_at
-            if waited < self.max_wait_s and not self._closed and self._more_coming():
+            more_coming = self._incoming is None or self._incoming.any()
+            if waited < self.max_wait_s and not self._closed and more_coming:
                 return None, self.max_wait_s - waited
             batch = batches[oldest.key][0]
         taken = {id(p) for p in batch}

@@ -80,7 +80,7 @@ class Pipeline:
         self.preprocess = Preprocessor(settings, s3_client, engine.prepare, self.hooks)
         self.pool = pool
         self.results = results
-        self.incoming = incoming or Incoming()
+        self.incoming = Incoming() if incoming is None else incoming
         self.worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.restart_requested = False
 
@@ -97,7 +97,7 @@ class Pipeline:
             pool.start()  # they load their processors while the engine loads the model
         try:
             hooks.loading()
-            engine = start_engine(settings, metrics, hooks, more_coming=incoming.__bool__)
+            engine = start_engine(settings, metrics, hooks, incoming)
             if pool is not None:
                 pool.wait_ready(metrics)
         except BaseException:
@@ -126,11 +126,13 @@ class Pipeline:
             queued_ms = max(0.0, (datetime.now(UTC) - job.submitted_at).total_seconds() * 1000)
             self.metrics.queue_wait.observe(queued_ms / 1000)
         started = time.perf_counter()
-        with self.incoming.job():  # the engine's batcher waits for batch-mates only while jobs are on their way
+        # The engine's batcher waits for batch-mates only while jobs are on their way: this one is until it is added.
+        with self.incoming.job():
             request = self._prepare(job)
-        fetched = time.perf_counter()
+            fetched = time.perf_counter()
+            running = self.engine.add(job.id, request)
         self.metrics.media_seconds.observe(fetched - started)
-        generated = self.engine.add(job.id, request).result()
+        generated = running.result()
         done = time.perf_counter()
         timings = Timings(queued=queued_ms, fetch=(fetched - started) * 1000, infer=(done - fetched) * 1000)
         usage = Usage(prompt_tokens=generated.prompt_tokens, completion_tokens=generated.tokens)

@@ -54,7 +54,7 @@ def publish_body(client: Client, queue: str, body: bytes, content_type: str) -> 
     task_id = str(uuid.uuid4())
     headers, properties, _, _ = client.celery.amqp.as_task_v2(task_id, TASK_NAME, args=[{}])
     with client.celery.producer_or_acquire() as producer:
-        producer.core.publish(
+        producer.publish(
             body,
             exchange="",
             routing_key=queue,

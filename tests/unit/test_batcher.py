@@ -196,15 +196,15 @@ def test_a_lone_item_that_fits_nothing_still_runs_alone() -> None:
 
 
 def test_a_partial_batch_does_not_wait_when_no_more_jobs_are_on_their_way() -> None:
-    clock = FakeClock()
-    coming = [True]
-    batcher: Batcher = Batcher(
-        lambda items: items, max_batch_size=8, max_wait_s=1.0, more_coming=lambda: coming[0], clock=clock
-    )
-    batcher.submit("a")
-    batcher.submit("b")
-    assert batcher.poll() == (None, 1.0)
-    coming[0] = False
+    from worker.batcher import Incoming
+
+    clock, incoming = FakeClock(), Incoming()
+    batcher: Batcher = Batcher(lambda items: items, max_batch_size=8, max_wait_s=1.0, incoming=incoming, clock=clock)
+    with incoming.job():  # a job still being prepared
+        with incoming.job():
+            batcher.submit("a")  # counted until it is handed over: the batcher waits for the other
+        batcher.submit("b")
+        assert batcher.poll() == (None, 1.0)
     batch, wait = batcher.poll()
     assert items_of(batch) == ["a", "b"] and wait is None
 
@@ -227,11 +227,13 @@ def test_a_handler_may_answer_with_a_future_and_each_item_gets_its_own_outcome_w
 def test_incoming_counts_jobs_on_their_way_only_while_they_are() -> None:
     from worker.batcher import Incoming
 
-    incoming = Incoming()
-    assert not incoming
+    incoming, heard = Incoming(), []
+    incoming.listen(lambda: heard.append(incoming.any()))
+    assert not incoming.any()
     with incoming.job():
-        assert incoming
+        assert incoming.any()
         with pytest.raises(RuntimeError), incoming.job():
             raise RuntimeError("the job failed while being prepared")
-        assert incoming
-    assert not incoming
+        assert incoming.any()
+    assert not incoming.any()
+    assert heard == [True, False]  # the batcher hears of each job that stops counting

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
+from worker.batcher import Incoming
 from worker.engines.base import Generated, Prepare
 from worker.engines.hf_model import Prepared, ProcessorPreparation, VisionLanguageModel
 from worker.hooks import Hooks
@@ -72,7 +72,5 @@ class Noop:
     def preparation(self, settings: WorkerSettings) -> ProcessorPreparation:
         return ProcessorPreparation(settings.model)
 
-    def start(
-        self, settings: WorkerSettings, metrics: Metrics, hooks: Hooks, more_coming: Callable[[], bool]
-    ) -> NoopEngine:
+    def start(self, settings: WorkerSettings, metrics: Metrics, hooks: Hooks, incoming: Incoming) -> NoopEngine:
         return NoopEngine.start(settings, metrics, self.text)

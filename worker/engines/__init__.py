@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable
 
+from worker.batcher import Incoming
 from worker.engines.base import Engine, EngineClass, Generated, Preparation
 from worker.hooks import Hooks
 from worker.metrics import Metrics
@@ -58,10 +58,10 @@ def start_engine(
     settings: WorkerSettings,
     metrics: Metrics,
     hooks: Hooks,
-    more_coming: Callable[[], bool] = lambda: True,
+    incoming: Incoming | None = None,
 ) -> Engine:
-    """Load the model with the engine the settings name, and start its threads. `more_coming`: whether jobs are on
-    their way to the engine (a micro-batcher waits for batch-mates only then)."""
+    """Load the model with the engine the settings name, and start its threads. `incoming`: the jobs on their way to
+    the engine (a micro-batcher waits for batch-mates only while there are some)."""
     cls = engine_class(settings, hooks)
     log.info("engine: %s%s", choose_engine(settings), " (VLMQ_ENGINE=auto)" if settings.engine == "auto" else "")
-    return cls.start(settings, metrics, hooks, more_coming)
+    return cls.start(settings, metrics, hooks, Incoming() if incoming is None else incoming)

@@ -22,6 +22,7 @@ from PIL import Image
 from producer.core.jobs import Generation
 
 if TYPE_CHECKING:
+    from worker.batcher import Incoming
     from worker.hooks import Hooks
     from worker.metrics import Metrics
     from worker.settings import WorkerSettings
@@ -134,8 +135,6 @@ class EngineClass(Protocol):
         """What its preprocessing needs, known before the model loads (the pool starts meanwhile)."""
         ...
 
-    def start(
-        self, settings: WorkerSettings, metrics: Metrics, hooks: Hooks, more_coming: Callable[[], bool]
-    ) -> Engine:
-        """Load the model and start the engine's threads; `more_coming`: whether jobs are on their way to it."""
+    def start(self, settings: WorkerSettings, metrics: Metrics, hooks: Hooks, incoming: Incoming) -> Engine:
+        """Load the model and start the engine's threads; `incoming`: the jobs on their way to it."""
         ...

@@ -16,10 +16,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 
-from worker.batcher import Batcher
+from worker.batcher import Batcher, Incoming
 from worker.engines.base import Generated, Prepare
 from worker.engines.decode_plan import DecodePlan, KVShape, memory_plan
 from worker.engines.hf_model import Prepared, ProcessorPreparation, Staged, VisionLanguageModel
@@ -47,7 +47,7 @@ class HFEngine:
         settings: WorkerSettings,
         metrics: Metrics,
         plan: DecodePlan | None = None,
-        more_coming: Callable[[], bool] = lambda: True,
+        incoming: Incoming | None = None,
     ) -> None:
         self.model = model
         self.name = model.name
@@ -61,7 +61,7 @@ class HFEngine:
             max_batch_size=self.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             fits=self._fits if plan is not None else None,
-            more_coming=more_coming,
+            incoming=incoming,
         )
         self._runs: queue.SimpleQueue[tuple[list[Prepared], Staged | None, Future[Outcomes], threading.Event] | None]
         self._runs = queue.SimpleQueue()
@@ -77,7 +77,7 @@ class HFEngine:
         settings: WorkerSettings,
         metrics: Metrics,
         hooks: Hooks,
-        more_coming: Callable[[], bool] = lambda: True,
+        incoming: Incoming | None = None,
     ) -> HFEngine:
         """Load the model (once per process), size its batches, build its decode graphs, then start its threads."""
         started = time.perf_counter()
@@ -104,7 +104,7 @@ class HFEngine:
             model.decoder.build()
         metrics.model_load_seconds.set(time.perf_counter() - started)
         metrics.watch_gpu_memory(model.memory_allocated)
-        engine = cls(model, settings, metrics, plan, more_coming)
+        engine = cls(model, settings, metrics, plan, incoming)
         engine.batcher.start()
         engine._runner.start()
         engine.watchdog.start()

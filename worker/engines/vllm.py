@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from producer.core.jobs import Generation
+from worker.batcher import Incoming
 from worker.engines.base import Decoded, DecodedMedia, Generated, Prepare
 from worker.engines.vllm_start import HeldOutput, KVCacheSize, cpu_kv_cache, root_cause
 from worker.errors import ConfigError, InferenceError, PromptTooLong
@@ -129,7 +130,7 @@ class VLLMEngine:
         settings: WorkerSettings,
         metrics: Metrics,
         hooks: Hooks,
-        more_coming: Callable[[], bool] = lambda: True,
+        incoming: Incoming | None = None,
     ) -> VLLMEngine:
         """Start vLLM's engine core (its own process) and the loop thread that drives it."""
         try:
