@@ -164,7 +164,10 @@ class JobRun:
         except VlmqError as exc:
             self.retry_later(exc)
             log.info("job %s failed: %s: %s", job.id, exc.code, exc.message)
-            result, dead = self.pipeline.failed(job.id, exc, attempts, job.metadata), exc.retryable
+            # Dead-lettered: a job whose retries ran out, and one that killed its preparing processes (as one that
+            # kills whole workers is, in `run`).
+            dead = exc.retryable or isinstance(exc, WorkerLost)
+            result = self.pipeline.failed(job.id, exc, attempts, job.metadata)
         except Retry:  # its result could not be written (S3 down): retried, not a bug
             raise
         except Exception as exc:  # a bug, not bad input: still one coded, recorded result for the job

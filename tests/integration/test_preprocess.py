@@ -79,6 +79,7 @@ def test_a_job_that_kills_its_pool_process_every_time_fails_worker_lost_and_its_
     assert failed.error.message.startswith("its preprocessing process died 3 times while preparing it (last exit -9)")
     assert worker.proc.poll() is None
     assert count_in_logs(stack, r"a preprocessing process died \(exit (-?\d+)\)") == {"-9": 3}  # one per attempt
+    assert [d.result.id for d in client.dead_letters()] == [poison.id]  # as a job that kills whole workers is
 
 
 def test_a_hung_decoder_in_the_pool_fails_its_job_and_only_its_process_is_replaced(stack: Stack) -> None:
