@@ -3,7 +3,8 @@
 Delivery is at least once (late acks: a worker killed mid-job leaves the message to be redelivered). The decisions
 that turn that into one terminal result per job are pure functions here (unit-tested over every case):
 
-- `Start.may_have_finished`: look for a stored success before running (the S3 result is the commit point);
+- `Start.may_have_finished`, `Start.ended_by`: look for a stored end before running (the S3 result is the commit
+  point): a success, or a failure an earlier copy of the same message stored, is returned, not run again;
 - `decide`: run the job, or end it `expired` (its `Deadline` passed), `cancelled`, or dead-lettered `worker_lost`
   without running;
 - `retry_delay`: exponential backoff with equal jitter.
@@ -52,10 +53,22 @@ class Start:
 
     @property
     def may_have_finished(self) -> bool:
-        """Whether an earlier copy may have stored a success: a copy redelivered after its worker died between
+        """Whether an earlier copy may have stored the job's end: a copy redelivered after its worker died between
         writing the result and acknowledging, a resubmitted id that succeeded, or a start more than its retries
         explain (its end was not recorded: Redis was down, and the lost-message recovery sent it again)."""
         return (self.redelivered or self.succeeded_before or self.crashes > 0) and not self.force
+
+    def ended_by(self, stored: JobResult, submitted_at: datetime | None) -> bool:
+        """Whether a stored result is this job's end, so that it is returned instead of running the job again.
+
+        A success always is (the S3 result is the commit point). A failure is the end only of the submission it
+        was stored for: for a copy of the same message (redelivered, or started more often than its retries
+        explain) and stored after that submission; a job submitted again after it failed runs again.
+        """
+        if stored.ok:
+            return True
+        same_message = self.redelivered or self.crashes > 0
+        return same_message and submitted_at is not None and stored.finished_at >= submitted_at
 
 
 @dataclass(frozen=True)

@@ -122,9 +122,9 @@ class JobRun:
         starts, succeeded_before = self.ledger.record_started(self.task_id, self.retries)
         start = Start(starts, self.retries, redelivered, succeeded_before, force)
         if start.may_have_finished:
-            stored = self.stored_success()
-            if stored is not None:
-                log.info("job %s already succeeded; returning its stored result", self.task_id)
+            stored = self.stored_result()
+            if stored is not None and start.ended_by(stored, submitted_at(self.payload)):
+                log.info("job %s already ended %s; returning its stored result", self.task_id, stored.status)
                 self.finisher.finish(stored, self.payload, write_s3=False)
                 return stored.model_dump(mode="json")
         try:
@@ -189,17 +189,21 @@ class JobRun:
         return result.model_dump(mode="json")
 
     def stored_success(self) -> JobResult | None:
-        """The job's result in S3 if it succeeded (the commit point of a success).
+        """The job's result in S3 if it succeeded (the commit point of a success)."""
+        stored = self.stored_result()
+        return stored if stored is not None and stored.ok else None
+
+    def stored_result(self) -> JobResult | None:
+        """The job's result in S3, if one is stored.
 
         When S3 cannot be read the job runs as if none were stored: running again is at-least-once delivery's
         normal cost, and its own result write retries until S3 is back.
         """
         try:
-            stored = self.pipeline.results.read(self.task_id)
+            return self.pipeline.results.read(self.task_id)
         except (BotoCoreError, ClientError) as exc:
             log.warning("job %s: could not look for its stored result (%s); running it", self.task_id, exc)
             return None
-        return stored if stored is not None and stored.ok else None
 
     def batch_cancelled(self, batch: str | None) -> bool:
         if batch is None:
@@ -221,3 +225,13 @@ class JobRun:
         # Celery's retry copies the request's `expires`, but the gate took it out of the headers Celery read (Celery
         # would only revoke an expired job, with no result): hand it on, so the retry still ends `expired` once due.
         raise self.task.retry(exc=exc, countdown=delay, expires=self.expires)  # type: ignore[arg-type]  # None: none
+
+
+def submitted_at(payload: Any) -> datetime | None:
+    """The job's `submitted_at` (the gate stamps one on other clients' jobs), or None when unreadable."""
+    value = payload.get("submitted_at") if isinstance(payload, dict) else None
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return parsed if parsed is None or parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -277,6 +277,18 @@ def test_a_retryable_failure_is_retried_while_retries_are_left_then_ends_dead_le
     assert [d.result.id for d in world.ledger.dead_letters()] == [job["id"]]
 
 
+def test_a_redelivered_copy_of_a_job_that_failed_returns_its_stored_failure_and_a_resubmission_runs(
+    world: World,
+) -> None:
+    world.engine.error = InferenceError("the model failed")
+    job = payload(world, submitted_at=datetime.now(UTC))  # as every producer and the gate stamp it
+    failure = world.run(job)
+    world.engine.error = None
+    assert world.run(job, redelivered=True) == failure and world.engine.runs == 1  # one end for the submission
+    again = {**job, "submitted_at": datetime.now(UTC).isoformat()}  # the same id sent again (a new submission)
+    assert world.run(again)["status"] == "succeeded" and world.engine.runs == 2
+
+
 def test_a_failure_after_another_copy_succeeded_keeps_the_success(world: World) -> None:
     job = payload(world)
     success = world.run(job)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from producer.core.jobs import JobError, JobResult
 from worker.errors import InvalidJob, MediaUnavailable, ResultWriteFailed
 from worker.lifecycle import Deadline, Start, decide, retries_left, retry_delay
 
@@ -30,6 +31,23 @@ def test_a_stored_success_is_looked_for_when_an_earlier_copy_may_have_finished(
 
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+def test_a_stored_failure_ends_only_a_copy_of_the_message_it_was_stored_for() -> None:
+    def stored(status: str, finished_at: datetime) -> JobResult:
+        error = None if status == "succeeded" else JobError(code="media_not_found", message="gone", retryable=False)
+        return JobResult(id="j", status=status, error=error, attempts=1, finished_at=finished_at)  # type: ignore[arg-type]
+
+    copy = Start(starts=2, retries=0, redelivered=True, succeeded_before=False)
+    resubmitted = Start(starts=1, retries=0, redelivered=False, succeeded_before=False)
+    earlier, later = NOW - timedelta(minutes=1), NOW + timedelta(minutes=1)
+    assert copy.ended_by(stored("failed", later), submitted_at=NOW)  # its worker died after storing its end
+    assert not copy.ended_by(stored("failed", earlier), submitted_at=NOW)  # an earlier submission's failure
+    assert not copy.ended_by(stored("failed", later), submitted_at=None)  # cannot tell: run it
+    assert not resubmitted.ended_by(stored("failed", earlier), submitted_at=NOW)  # sent again after it failed
+    assert resubmitted.ended_by(stored("succeeded", earlier), submitted_at=NOW)  # a success is final
+
+
 ON_TIME = Deadline(expires=NOW + timedelta(seconds=1), submitted_at=NOW - timedelta(seconds=59), ttl_s=60)
 
 
