@@ -89,8 +89,11 @@ class Chaos:
         time.sleep(max(0.0, started + fault.at_s - time.monotonic()))
         with self._lock:
             worker = self.slots[fault.target]
-        did = getattr(self, "_" + fault.kind.replace("-", "_"))(worker)
-        self.applied.append(f"{time.monotonic() - started:6.1f} s  {fault.kind}: {did}")
+        try:
+            did = getattr(self, "_" + fault.kind.replace("-", "_"))(worker)
+        except ProcessLookupError:  # the worker died meanwhile (another fault): nothing to do to it
+            did = f"worker pid {worker.proc.pid} had already exited"
+        self.applied.append(f"{fault.at_s:6.1f} s  {fault.kind}: {did} (until {time.monotonic() - started:.1f} s)")
 
     def _kill_worker(self, worker: Service) -> str:
         _kill_group(worker)
@@ -110,7 +113,10 @@ class Chaos:
     def _stall_consumer(self, worker: Service) -> str:
         os.kill(worker.proc.pid, signal.SIGSTOP)
         time.sleep(STALL_S)
-        os.kill(worker.proc.pid, signal.SIGCONT)
+        try:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            return f"worker pid {worker.proc.pid} stopped (SIGSTOP), then SIGKILLed by another fault while stopped"
         return f"worker pid {worker.proc.pid} stopped for {STALL_S:g} s (SIGSTOP), then continued"
 
     def _restart_redis(self, worker: Service) -> str:

@@ -151,10 +151,11 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
     """Register the task, put the gate in front of Celery's consumer, and connect the start-up and shutdown signals;
     returns the lost-message recovery, started once the worker consumes."""
     from producer.core.endings import Endings
-    from worker.consumer import Intake, VlmqConsumer, tolerate_foreign_envelopes
+    from worker.consumer import HELD, Intake, VlmqConsumer, tolerate_foreign_envelopes
     from worker.lifecycle import Finisher
     from worker.recovery import Recovery
     from worker.tasks import RefusalRecorder, RunJob, Services
+    from worker.visibility import VisibilityHeartbeat, beat_every_s
 
     app, ledger = clients.celery, clients.ledger
     finisher = Finisher(Endings(clients.results, ledger, settings.webhook_secret, app.backend), pipeline.metrics)
@@ -194,6 +195,10 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
     worker_ready.connect(lambda **_: consuming(), weak=False)
     worker_ready.connect(lambda **_: pipeline.metrics.ready.set(1), weak=False)
     worker_ready.connect(lambda **_: recovery.start(), weak=False)
+    # Only a dead or frozen worker's messages come back after the visibility timeout, not a busy one's (until the
+    # process exits: a warm shutdown still finishes its jobs).
+    heartbeat = VisibilityHeartbeat(ledger.redis, HELD.tags, beat_every_s(settings.visibility_timeout_s))
+    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
     announcer = Announcer(ledger.redis, ledger.keys, pipeline.engine.name)  # /v1/models lists what workers serve
     worker_ready.connect(lambda **_: announcer.start(), weak=False)
     worker_shutting_down.connect(lambda **_: pipeline.metrics.ready.set(0), weak=False)

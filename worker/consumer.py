@@ -29,6 +29,7 @@ from worker import gate
 from worker.errors import InvalidJob, WorkerLost
 from worker.gate import Admitted, Deadlines, Refused
 from worker.hooks import Hooks
+from worker.visibility import HeldMessages
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +240,18 @@ def routed_home(payload: Any, queue: str) -> Any:
     return payload
 
 
+HELD = HeldMessages()  # the messages this process's channels hold (kombu creates the channels)
+
+
 class VlmqChannel(kombu_redis.Channel):
     """kombu's Redis channel in a worker process: it reads items with `_tolerant_loads` into `TolerantMessage`s,
     and every message it delivers from a queue names that queue as its route (`routed_home`)."""
 
     Message = TolerantMessage
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        HELD.track(self)  # the visibility heartbeat re-arms what it holds
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         consumed = super().basic_consume(queue, *args, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,6 +19,7 @@ import redis
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
+from producer import Job
 from tests.apiserver import module_stack
 from tests.conftest import Stack
 from tests.helpers import (
@@ -26,18 +28,21 @@ from tests.helpers import (
     FirstBusy,
     MediaServer,
     celery_call,
+    count_in_logs,
     publish,
     serve,
     upload_images,
 )
 from tests.reference import encode, random_image
-from worker.consumer import VlmqChannel
+from worker.consumer import HELD, VlmqChannel
 from worker.devtools.local_services import RedisServer
+from worker.visibility import UNACKED_INDEX, VisibilityHeartbeat, beat_every_s
 
 __all__ = ["module_stack"]
 
 VISIBILITY_TIMEOUT_S = 20
 KILLS_ITS_WORKER = "held-when-killed"
+RECEIVED = r"Task vlmq.run\[(\S+)\] received"
 
 
 def gocelery_envelope(task_id: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +93,24 @@ def test_a_gocelery_message_held_by_a_killed_worker_is_restored_to_its_queue_and
     assert task_id not in [body_id(raw) for raw in client.lrange("ae.undeliver", 0, -1)]  # type: ignore[union-attr]
 
 
+def test_messages_a_busy_worker_holds_past_the_visibility_timeout_are_not_delivered_again(stack: Stack) -> None:
+    """Two live workers, each holding 4 messages and running one job at a time for 2 s: most messages wait in their
+    worker longer than the 3 s visibility timeout, while both workers sweep for stale ones every second. The
+    visibility heartbeat keeps them held, so each is received once and runs once (celery#5935)."""
+    uris = upload_images(stack, "held", 8)
+    env = {**FAST_REDELIVERY, "VLMQ_VISIBILITY_TIMEOUT_S": "3", "VLMQ_FAULTS": json.dumps({"slow_batch_s": 2})}
+    args = ("--max-batch-size", "1", "--concurrency", "4", "--preprocess-workers", "1", "--max-wait-ms", "0")
+    stack.start_worker(*args, env=env)
+    stack.start_worker(*args, env=env)
+    client = stack.client()
+    ids = [client.submit(Job(media=[uri], max_new_tokens=2)).id for uri in uris]
+    results = client.collect(ids, progress=False, timeout=120)
+
+    assert [(r.status, r.attempts) for r in results] == [("succeeded", 1)] * 8
+    assert count_in_logs(stack, RECEIVED) == Counter(dict.fromkeys(ids, 1))
+    assert count_in_logs(stack, r"job (\S+) finished: succeeded") == Counter(dict.fromkeys(ids, 1))
+
+
 class _Transport(kombu_redis.Transport):
     Channel = VlmqChannel  # as `worker.consumer.tolerate_foreign_envelopes` makes it in a worker process
 
@@ -122,6 +145,35 @@ def test_kombus_restore_puts_a_hand_written_envelope_back_on_the_list_it_came_fr
         "redelivered": True,
     }
     assert back["body"] == envelope["body"]
+
+
+def test_the_heartbeat_rearms_the_messages_its_process_holds_and_nothing_else(redis_server: RedisServer) -> None:
+    """On kombu's own channel and a real Redis: of two delivered messages, the acknowledged one leaves the index
+    and is not put back; the held one gets the beat's time; another worker's entry keeps its own."""
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_server.url)
+    for _ in range(2):
+        client.lpush(queue, json.dumps(gocelery_envelope(str(uuid.uuid4()), {"media": ["s3://b/a.png"]})))
+    client.zadd(UNACKED_INDEX, {"another-workers-tag": 5.0})
+    received: list[Any] = []
+    with Connection(redis_server.url, transport=_Transport) as connection:
+        channel = connection.default_channel
+        channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+        while len(received) < 2:
+            connection.drain_events(timeout=10)
+        acked, kept = received
+        acked.ack()
+        heartbeat = VisibilityHeartbeat(client, HELD.tags, every_s=1, clock=lambda: 1000.0)
+
+        assert (HELD.tags(), heartbeat.beat()) == ([kept.delivery_tag], 1)
+        assert client.zrange(UNACKED_INDEX, 0, -1, withscores=True) == [
+            (b"another-workers-tag", 5.0),
+            (kept.delivery_tag.encode(), 1000.0),
+        ]
+
+
+def test_a_beat_comes_every_quarter_of_the_visibility_timeout_and_at_most_every_30_s() -> None:
+    assert [beat_every_s(t) for t in (1, 3, 20, 120, 900)] == [0.5, 0.75, 5.0, 30.0, 30.0]
 
 
 @pytest.fixture(scope="module")

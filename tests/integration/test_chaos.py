@@ -180,7 +180,11 @@ def test_every_fault_at_once_loses_nothing_and_runs_nothing_twice(chaos_stack: S
     print(f"outcomes: {outcomes}")
     received_twice = sum(1 for n in count_in_logs(stack, RECEIVED).values() if n > 1)
     print(f"dead letters: {len(letters)}; batches announced: {dict(hooks)}; received more than once: {received_twice}")
-    assert mismatched == [], f"{len(mismatched)} results differ between Redis and S3, e.g. {mismatched[:3]}"
+    first = mismatched[0] if mismatched else None
+    assert mismatched == [], (
+        f"{len(mismatched)} results differ between Redis and S3, e.g.\nRedis: {in_redis[first]}\n"
+        f"S3:    {client.result_store.read(first) if first else None}"
+    )
     assert outcomes == expected
     assert sorted(i for i, n in runs.items() if n > 1) == []  # no job ran to success twice
     assert sorted(d.result.id for d in letters if d.message is None) == sorted(sent["poison"])

@@ -69,7 +69,7 @@ def test_killing_the_worker_mid_batch_twice_loses_no_job_and_runs_none_twice(sta
 
     results = client.collect(ids, progress=False, timeout=30)
     runs = count_in_logs(stack, r"job (\S+) finished: ")  # logged right after the result is written to S3
-    stored = count_in_logs(stack, r"job (\S+) already succeeded")  # a redelivered copy returned the stored result
+    stored = count_in_logs(stack, r"job (\S+) already ended succeeded")  # a redelivered copy returned the stored result
     received = count_in_logs(stack, r"Task vlmq.run\[(\S+)\] received")
     recovered = count_in_logs(stack, r"job (\S+): its message was lost")
     lost = sum(1 for r in results if not r.ok)

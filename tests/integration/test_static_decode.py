@@ -34,7 +34,8 @@ def test_a_worker_decoding_on_the_static_cache_returns_the_model_card_text_and_b
     assert built == 3  # (1, 512), (2, 512), (1, 1024): every shape whose cache fits 1,024 tokens
     assert [r.status for r in results + again] == ["succeeded"] * 17
     assert [r.text for r in results] == [expected_text(stack, j, objects) for j in jobs]
-    assert {r.batch_size for r in results} == {1, 2}
+    assert max(r.batch_size for r in results) == 2  # two 512-token caches fill the pool
+    assert [r.batch_size for r in again] == [1, 1, 1]  # a 1,024-token cache fills it alone
     after = scrape(port)
     assert after[COMPILATIONS] == built
     assert after[("vlmq_decode_steps_total", ())] > 0 and after[("vlmq_decode_seconds_total", ())] > 0

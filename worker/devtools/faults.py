@@ -10,6 +10,7 @@ module imports this one.
 - `preprocess_crash_on`: ... kills the process preparing it (a preprocessing process; the worker itself with
   `--preprocess-workers 0`) with SIGKILL, as a crashing decoder would;
 - `slow_prepare_s`: preparing each job takes this much longer (to catch a preprocessing process holding jobs);
+- `slow_batch_s`: each batch takes this much longer in the engine (a long video batch: the jobs behind it wait);
 - `oom_above_batch`: `generate` raises torch's out-of-memory error for batches larger than this;
 - `oom_over_tokens`: ... and for any batch holding an item of more than this many input tokens, even alone;
 - `device_error_over_tokens`: `generate` raises a sticky CUDA error (torch.AcceleratorError) for such a batch;
@@ -46,6 +47,7 @@ class Faults(BaseModel):
     crash_on: str | None = None
     preprocess_crash_on: str | None = None
     slow_prepare_s: float | None = None
+    slow_batch_s: float | None = None
     oom_above_batch: int | None = None
     oom_over_tokens: int | None = None
     device_error_over_tokens: int | None = None
@@ -99,6 +101,8 @@ class FaultHooks(Hooks):
         import torch
 
         f = self.faults
+        if f.slow_batch_s:
+            time.sleep(f.slow_batch_s)
         if f.oom_above_batch is not None and len(token_counts) > f.oom_above_batch:
             raise torch.OutOfMemoryError(f"injected: batch of {len(token_counts)} > {f.oom_above_batch}")
         if f.oom_over_tokens is not None and max(token_counts) > f.oom_over_tokens:

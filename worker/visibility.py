@@ -1,0 +1,97 @@
+"""Keep the messages a live worker holds from being delivered again: the visibility heartbeat.
+
+kombu's Redis transport emulates acknowledgements: a delivered message is written to `unacked` with its delivery
+time in `unacked_index`, and any worker's sweep puts back in its queue every message delivered more than
+`visibility_timeout` ago. That brings back a dead worker's jobs, and also those of a live worker that holds one
+longer: a job waiting behind a backlog in its worker, a long video batch, a retry waiting out its delay while S3 is
+down. Its second copy then runs on another worker while the first still runs (celery#5935).
+
+The heartbeat re-arms, every quarter of the visibility timeout, the delivery time of each message this worker
+process holds and has not acknowledged, so that only a worker that stopped beating (killed, or frozen) has its
+messages redelivered, a visibility timeout after its last beat. `ZADD XX` only updates: a message acknowledged or
+restored meanwhile is not put back in the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+UNACKED_INDEX = "unacked_index"  # kombu's default `unacked_index_key`
+MOST_EVERY_S = 30.0
+
+
+def beat_every_s(visibility_timeout_s: float) -> float:
+    """A quarter of the visibility timeout (at most 30 s): a held message is never older than that plus one beat."""
+    return max(0.5, min(MOST_EVERY_S, visibility_timeout_s / 4))
+
+
+class HeldMessages:
+    """The delivery tags of the messages this process's broker channels hold unacknowledged (kombu's QoS state)."""
+
+    def __init__(self) -> None:
+        self._channels: weakref.WeakSet[object] = weakref.WeakSet()
+
+    def track(self, channel: object) -> None:
+        self._channels.add(channel)
+
+    def tags(self) -> list[str]:
+        held: list[str] = []
+        for channel in list(self._channels):
+            qos = getattr(channel, "_qos", None)  # created with the channel's first consumer
+            if qos is None:
+                continue
+            for _ in range(3):  # another thread may change them while they are copied: copy again
+                try:
+                    delivered, acked = list(qos._delivered), set(qos._dirty)
+                    break
+                except RuntimeError:
+                    continue
+            else:
+                continue
+            held.extend(str(tag) for tag in delivered if tag not in acked)
+        return held
+
+
+class VisibilityHeartbeat:
+    """A worker's thread that re-arms the delivery time of the messages it holds until stopped."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        held: Callable[[], Iterable[str]],
+        every_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client, self.held, self.every_s, self.clock = client, held, every_s, clock
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vlmq-visibility", daemon=True)
+
+    def beat(self) -> int:
+        """Re-arm every held message once; returns how many were held. kombu stamps deliveries with the local
+        clock (`time()`), and so does the heartbeat."""
+        tags = list(self.held())
+        if tags:
+            now = self.clock()
+            self.client.zadd(UNACKED_INDEX, dict.fromkeys(tags, now), xx=True)
+        return len(tags)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.every_s):
+            try:
+                self.beat()
+            except redis.RedisError as exc:  # Redis restarting: the next beat comes soon enough
+                log.warning("could not re-arm the held messages' visibility: %s", exc)
+
+    def stop(self) -> None:
+        self._stopped.set()
