@@ -17,7 +17,15 @@ API_FRAMEWORK = ("fastapi", "starlette", "uvicorn", "multipart")  # the `api` ex
 # inside its own package (worker.media.decode may import worker.media.limits); never upward. Modules not listed
 # are a test failure: place each new module in a layer.
 LAYERS: list[set[str]] = [
-    {"worker.settings", "worker.errors", "worker.metrics", "worker.watchdog", "worker.isolation", "worker.batcher"},
+    {
+        "worker.settings",
+        "worker.errors",
+        "worker.metrics",
+        "worker.watchdog",
+        "worker.isolation",
+        "worker.batcher",
+        "worker.visibility",
+    },
     {"worker.hooks", "worker.allocator", "worker.preflight"},
     {"worker.media", "worker.engines", "worker.gate", "worker.health", "worker.lifecycle"},
     {"worker.preprocess"},
