@@ -185,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.cli import add_worker_command  # argparse only: the worker's runtime loads when the command runs
 
     add_worker_command(sub)
+    _add_service_commands(sub)
+    _add_job_commands(sub)
+    add_batch_parser(sub)
+    _add_local_commands(sub)
+    return parser
 
+
+def _add_service_commands(sub: Any) -> None:
+    """The long-running services beside the worker, and their probes."""
     p = sub.add_parser("health", help="exit 0 if the worker on this machine is alive (or --ready), else 1")
     p.add_argument("--port", type=int, default=9808, help="the worker's VLMQ_METRICS_PORT (default 9808)")
     p.add_argument("--ready", action="store_true", help="check readiness (model loaded, consuming) instead")
@@ -203,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-no-auth-local", action="store_true", help="no VLMQ_API_KEYS: serve on 127.0.0.1 only")
     p.set_defaults(func=cmd_api)
 
+
+def _add_job_commands(sub: Any) -> None:
+    """Sending jobs and reading their ends."""
     p = sub.add_parser("submit", help="enqueue jobs, one per URI; print their ids (or results with --wait)")
     p.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key, file:///path, ...")
     p.add_argument("--task", choices=["caption", "qa"], default="caption")
@@ -230,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_ids", nargs="*", metavar="JOB_ID")
     p.set_defaults(func=cmd_retry_failed)
 
-    add_batch_parser(sub)
 
+def _add_local_commands(sub: Any) -> None:
+    """Everything on this machine: a test checkpoint, the whole stack, the demo."""
     p = sub.add_parser("make-tiny-model", help="write a random-weight LLaVA-OneVision checkpoint for tests/demos")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
@@ -257,7 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model to try first (default VLMQ_MODEL or the real 0.5B model)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
