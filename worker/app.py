@@ -15,9 +15,10 @@ from celery.worker import state as worker_state
 from producer.core.broker import queue_lists
 from producer.core.celery_config import celery_config
 from producer.core.ledger import Ledger
+from producer.core.periodic import Periodic
 from producer.core.publish import Publisher
 from producer.core.results import ResultReader, ResultStore
-from producer.core.served import Announcer
+from producer.core.served import ANNOUNCE_EVERY_S, announce
 from producer.core.storage import make_s3_client
 from worker.errors import ConfigError
 from worker.settings import WorkerSettings
@@ -117,7 +118,7 @@ def run_worker(settings: WorkerSettings, hooks: Hooks | None = None) -> None:
         ) from exc
     health.batch_age = pipeline.engine.busy_for
     health.probe = pipeline.engine.probe
-    recovery = _wire(settings, clients, pipeline, health)
+    sweeping = _wire(settings, clients, pipeline, health)
     in_flight = settings.concurrency or 2 * pipeline.engine.max_batch_size
     log.info(
         "worker %s loaded model %s, max batch %d, max wait %.0f ms, %d jobs in flight, queues %s",
@@ -131,7 +132,7 @@ def run_worker(settings: WorkerSettings, hooks: Hooks | None = None) -> None:
     try:
         clients.celery.worker_main(_worker_argv(settings, pipeline.worker_name, in_flight))
     finally:
-        recovery.stop()
+        sweeping.stop()
         pipeline.close()
         if pipeline.restart_requested:  # a warm shutdown asked for by the worker itself: not a clean stop
             raise SystemExit(EXIT_RESTART)
@@ -147,15 +148,14 @@ def _serve_health(settings: WorkerSettings, metrics: Metrics) -> Health:
     return health
 
 
-def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health: Health) -> Recovery:
+def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health: Health) -> Periodic:
     """Register the task, put the gate in front of Celery's consumer, and connect the start-up and shutdown signals;
-    returns the lost-message recovery, started once the worker consumes."""
+    returns the lost-message sweep, started once the worker consumes."""
     from producer.core.endings import Endings
-    from worker.consumer import HELD, Intake, VlmqConsumer, tolerate_foreign_envelopes
+    from worker.consumer import Intake, VlmqConsumer, tolerate_foreign_envelopes
     from worker.lifecycle import Finisher
     from worker.recovery import Recovery
     from worker.tasks import RefusalRecorder, RunJob, Services
-    from worker.visibility import VisibilityHeartbeat, beat_every_s
 
     app, ledger = clients.celery, clients.ledger
     finisher = Finisher(Endings(clients.results, ledger, settings.webhook_secret, app.backend), pipeline.metrics)
@@ -194,16 +194,34 @@ def _wire(settings: WorkerSettings, clients: Clients, pipeline: Pipeline, health
 
     worker_ready.connect(lambda **_: consuming(), weak=False)
     worker_ready.connect(lambda **_: pipeline.metrics.ready.set(1), weak=False)
-    worker_ready.connect(lambda **_: recovery.start(), weak=False)
+    worker_shutting_down.connect(lambda **_: pipeline.metrics.ready.set(0), weak=False)
+    return _chores(settings, ledger, recovery, pipeline.engine.name)
+
+
+def _chores(settings: WorkerSettings, ledger: Ledger, recovery: Recovery, model: str) -> Periodic:
+    """The worker's background chores, started once it consumes; returns the lost-message sweep."""
+    from worker.consumer import HELD
+    from worker.visibility import VisibilityHeartbeat, beat_every_s
+
+    sweeping = Periodic("vlmq-recovery", settings.recover_interval_s, recovery.sweep_if_mine, "look for lost jobs")
+    worker_ready.connect(lambda **_: sweeping.start(), weak=False)
     # Only a dead or frozen worker's messages come back after the visibility timeout, not a busy one's (until the
     # process exits: a warm shutdown still finishes its jobs).
-    heartbeat = VisibilityHeartbeat(ledger.redis, HELD.tags, beat_every_s(settings.visibility_timeout_s))
-    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
-    announcer = Announcer(ledger.redis, ledger.keys, pipeline.engine.name)  # /v1/models lists what workers serve
-    worker_ready.connect(lambda **_: announcer.start(), weak=False)
-    worker_shutting_down.connect(lambda **_: pipeline.metrics.ready.set(0), weak=False)
-    worker_shutting_down.connect(lambda **_: announcer.stop(), weak=False)
-    return recovery
+    heartbeat = VisibilityHeartbeat(ledger.redis, HELD.tags)
+    beat_every = beat_every_s(settings.visibility_timeout_s)
+    beating = Periodic("vlmq-visibility", beat_every, heartbeat.beat, "re-arm the held messages' visibility")
+    worker_ready.connect(lambda **_: beating.start(), weak=False)
+    # /v1/models lists what the running workers serve
+    announcing = Periodic(
+        "vlmq-announce",
+        ANNOUNCE_EVERY_S,
+        lambda: announce(ledger.redis, ledger.keys, model),
+        "announce the model",
+        at_once=True,
+    )
+    worker_ready.connect(lambda **_: announcing.start(), weak=False)
+    worker_shutting_down.connect(lambda **_: announcing.stop(), weak=False)
+    return sweeping
 
 
 def _waiting_count(settings: WorkerSettings) -> Callable[[], int]:

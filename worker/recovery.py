@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -62,7 +61,12 @@ class Recovery:
         self.lists = [name for q in ledger.settings.queues for name in queue_lists(q)]
         self.missing_key = ledger.keys.missing()
         self.lock_key = ledger.keys.recover_lock()
-        self._stop = threading.Event()
+
+    def sweep_if_mine(self) -> None:
+        """Sweep, unless another worker of the queue did this interval (one sweep per interval across all of them;
+        the lock expires rather than being freed). `vlmq worker` calls it every `interval_s`."""
+        if self.redis.set(self.lock_key, 1, nx=True, px=int(self.interval_s * 1000 * 0.9)):
+            self.sweep()
 
     def sweep(self) -> list[str]:
         """One pass; returns the ids of the jobs sent again."""
@@ -161,23 +165,3 @@ class Recovery:
             while page := self.redis.lrange(name, start, start + _SCAN_CHUNK - 1):  # to the end, even if it grew
                 yield from filter(None, map(message_id, page))
                 start += _SCAN_CHUNK
-
-    # -- background thread ---------------------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._loop, name="vlmq-recovery", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                # One sweep per interval across all workers of the queue; the lock expires rather than being freed.
-                if self.redis.set(self.lock_key, 1, nx=True, px=int(self.interval_s * 1000 * 0.9)):
-                    self.sweep()
-            except redis.RedisError as exc:
-                log.warning("could not look for lost jobs (%s); trying again in %.0f s", exc, self.interval_s)
-            except Exception:
-                log.exception("looking for lost jobs failed; trying again in %.0f s", self.interval_s)

@@ -14,15 +14,11 @@ restored meanwhile is not put back in the index.
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 
 import redis
-
-log = logging.getLogger(__name__)
 
 UNACKED_INDEX = "unacked_index"  # kombu's default `unacked_index_key`
 MOST_EVERY_S = 30.0
@@ -61,18 +57,10 @@ class HeldMessages:
 
 
 class VisibilityHeartbeat:
-    """A worker's thread that re-arms the delivery time of the messages it holds until stopped."""
+    """Re-arms the delivery time of the messages a worker holds; `vlmq worker` beats every `beat_every_s`."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        held: Callable[[], Iterable[str]],
-        every_s: float,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.client, self.held, self.every_s, self.clock = client, held, every_s, clock
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vlmq-visibility", daemon=True)
+    def __init__(self, client: redis.Redis, held: Callable[[], Iterable[str]], clock: Callable[[], float] = time.time):
+        self.client, self.held, self.clock = client, held, clock
 
     def beat(self) -> int:
         """Re-arm every held message once; returns how many were held. kombu stamps deliveries with the local
@@ -82,16 +70,3 @@ class VisibilityHeartbeat:
             now = self.clock()
             self.client.zadd(UNACKED_INDEX, dict.fromkeys(tags, now), xx=True)
         return len(tags)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.every_s):
-            try:
-                self.beat()
-            except redis.RedisError as exc:  # Redis restarting: the next beat comes soon enough
-                log.warning("could not re-arm the held messages' visibility: %s", exc)
-
-    def stop(self) -> None:
-        self._stopped.set()

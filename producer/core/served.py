@@ -7,8 +7,6 @@ so a model drops out of the list a minute after its last worker stopped.
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 
 import redis
@@ -17,7 +15,6 @@ from producer.core.keys import Keys
 
 ANNOUNCE_EVERY_S = 15.0
 ANNOUNCEMENT_TTL_S = 60.0
-log = logging.getLogger(__name__)
 
 
 def announce(client: redis.Redis, keys: Keys, model: str, now: float | None = None) -> None:
@@ -36,27 +33,3 @@ def served_models(client: redis.Redis, keys: Keys, now: float | None = None) -> 
     return sorted(
         m.decode() if isinstance(m, bytes) else str(m) for m in client.zrangebyscore(keys.models(), now, "+inf")
     )
-
-
-class Announcer:
-    """A worker's thread that announces its model until stopped (a Redis outage only delays the next one)."""
-
-    def __init__(self, client: redis.Redis, keys: Keys, model: str) -> None:
-        self.client, self.keys, self.model = client, keys, model
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vlmq-announce", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                announce(self.client, self.keys, self.model)
-            except redis.RedisError as exc:
-                log.debug("could not announce the model: %s", exc)
-            if self._stopped.wait(ANNOUNCE_EVERY_S):
-                return
-
-    def stop(self) -> None:
-        self._stopped.set()
