@@ -71,6 +71,12 @@ def supervise(
     return restarts
 
 
+# Worker log lines, each with the job id as its group, for `count_in_logs`.
+RECEIVED = r"Task vlmq.run\[(\S+)\] received"  # Celery took a message (a retry is another)
+SUCCEEDED = r"job (\S+) finished: succeeded"  # logged right after the result is written to S3
+RETURNED_STORED = r"job (\S+) already ended succeeded"  # a copy returned the success an earlier one stored
+
+
 def count_in_logs(stack: Stack, pattern: str) -> Counter[str]:
     """Matches of `pattern`'s group (a job id) in every worker's log."""
     found: Counter[str] = Counter()

@@ -22,7 +22,7 @@ from producer import Job
 from producer.core.webhook import signature
 from producer.manifest import read_manifest
 from tests.conftest import MEDIA_BUCKET, Stack
-from tests.helpers import count_in_logs
+from tests.helpers import SUCCEEDED, count_in_logs
 from tests.reference import encode, random_image
 from worker.devtools.local_services import free_port, wait_until
 
@@ -200,7 +200,7 @@ def test_a_cancelled_batch_ends_its_unstarted_jobs_cancelled_without_model_work(
 
     results = client.collect([j.id for j in jobs], progress=False, timeout=30)
     assert [(r.status, r.error and r.error.code) for r in results] == [("failed", "cancelled")] * 30
-    assert count_in_logs(stack, r"job (\S+) finished: succeeded") == {}
+    assert count_in_logs(stack, SUCCEEDED) == {}
     assert client.batch("to-cancel").status().cancelled == 30
 
 

@@ -27,7 +27,7 @@ from producer import Job, JobResult
 from tests.apiserver import start_api
 from tests.chaos import SEED, Chaos, schedule
 from tests.conftest import MEDIA_BUCKET, RESULTS_BUCKET, Stack
-from tests.helpers import celery_call, count_in_logs, publish, push_envelope, results_ready
+from tests.helpers import RECEIVED, SUCCEEDED, celery_call, count_in_logs, publish, push_envelope, results_ready
 from tests.integration.test_batches import webhook_server
 from tests.reference import encode, make_clip, random_image
 from worker.devtools.local_services import RedisServer, SeaweedS3, free_port
@@ -47,7 +47,6 @@ ENV = {
     "VLMQ_WEBHOOK_SECRET": "chaos",
     "VLMQ_FAULTS": json.dumps({"preprocess_crash_on": "poison-crash"}),
 }
-RECEIVED = r"Task vlmq.run\[(\S+)\] received"
 WORKER_ARGS = ("--max-batch-size", "8", "--max-wait-ms", "20", "--preprocess-workers", "1")
 
 
@@ -176,7 +175,7 @@ def test_every_fault_at_once_loses_nothing_and_runs_nothing_twice(chaos_stack: S
     mismatched = [i for i in ids if in_redis[i] is None or client.result_store.read(i) != in_redis[i]]
     outcomes = {kind: Counter(outcome(in_redis[i]) for i in job_ids) for kind, job_ids in sent.items()}
     expected = {kind: Counter(job_ids.values()) for kind, job_ids in sent.items()}
-    runs = count_in_logs(stack, r"job (\S+) finished: succeeded")
+    runs = count_in_logs(stack, SUCCEEDED)
     letters = client.ledger.dead_letters()
     print(f"outcomes: {outcomes}")
     received_twice = sum(1 for n in count_in_logs(stack, RECEIVED).values() if n > 1)

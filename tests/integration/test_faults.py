@@ -9,7 +9,7 @@ import json
 
 from producer import Job
 from tests.conftest import MEDIA_BUCKET, Stack
-from tests.helpers import FAST_REDELIVERY, count_in_logs, supervise, upload_images
+from tests.helpers import FAST_REDELIVERY, RECEIVED, RETURNED_STORED, count_in_logs, supervise, upload_images
 
 
 def test_a_job_that_kills_its_worker_is_dead_lettered_and_its_neighbours_finish(stack: Stack) -> None:
@@ -69,8 +69,8 @@ def test_killing_the_worker_mid_batch_twice_loses_no_job_and_runs_none_twice(sta
 
     results = client.collect(ids, progress=False, timeout=30)
     runs = count_in_logs(stack, r"job (\S+) finished: ")  # logged right after the result is written to S3
-    stored = count_in_logs(stack, r"job (\S+) already ended succeeded")  # a redelivered copy returned the stored result
-    received = count_in_logs(stack, r"Task vlmq.run\[(\S+)\] received")
+    stored = count_in_logs(stack, RETURNED_STORED)  # a redelivered copy returned the stored result
+    received = count_in_logs(stack, RECEIVED)
     recovered = count_in_logs(stack, r"job (\S+): its message was lost")
     lost = sum(1 for r in results if not r.ok)
     twice = sum(1 for i in ids if runs[i] > 1)

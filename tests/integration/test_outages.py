@@ -17,7 +17,7 @@ import redis
 
 from producer import Job
 from tests.conftest import MEDIA_BUCKET, RESULTS_BUCKET, Stack
-from tests.helpers import FAST_REDELIVERY, results_ready, upload_images
+from tests.helpers import FAST_REDELIVERY, RECEIVED, results_ready, upload_images
 from worker.devtools.local_services import RedisServer, SeaweedS3, Service, wait_until
 
 # Retries must outlast the ~15 s outage: 12 retries waiting 0.5-1, 1-2, then 2-4 s each (equal jitter) span 37 s
@@ -96,7 +96,7 @@ def test_the_worker_resumes_by_itself_when_redis_restarts_mid_run_and_no_job_is_
 
         after = in_log(worker, r"job (\S+) finished: ", since=restart_at)
         runs = in_log(worker, r"job (\S+) finished: ")
-        received = in_log(worker, r"Task vlmq.run\[(\S+)\] received")
+        received = in_log(worker, RECEIVED)
         print(
             f"\nredis restart: {len(ids)} jobs, 1 restart (at {before} results, down {down_s:.1f} s, a job finished "
             f"meanwhile: {noticed}), lost {len(ids) - done}, {sum(after.values())} finished after the restart, "

@@ -15,7 +15,7 @@ import pytest
 
 from producer import Job
 from tests.conftest import MEDIA_BUCKET, Stack
-from tests.helpers import FAST_REDELIVERY, LONG_QUESTION, count_in_logs, scrape
+from tests.helpers import FAST_REDELIVERY, LONG_QUESTION, RETURNED_STORED, count_in_logs, scrape
 from tests.reference import encode, make_clip, random_image, reference_chat, video_frames
 from worker.devtools.local_services import free_port
 
@@ -187,7 +187,7 @@ def test_a_dead_engine_exits_70_and_the_next_worker_finishes_every_job_once(stac
     ]
     assert results[5].worker is not None and results[5].worker.endswith(f":{second.proc.pid}")
     runs = count_in_logs(stack, r"job (\S+) finished: ")  # logged once its result is stored
-    stored = count_in_logs(stack, r"job (\S+) already ended succeeded")  # a copy found that result stored
+    stored = count_in_logs(stack, RETURNED_STORED)  # a copy found that result stored
     # Once each: a job ran to its end in one worker; a job whose end was stored by the dying worker just before it
     # exited (its log line lost with it) was not run again, its redelivered copy returned the stored result.
     assert all(runs[h.id] == 1 or (runs[h.id] == 0 and stored[h.id] >= 1) for h in handles), (runs, stored)
