@@ -207,6 +207,7 @@ def _chores(settings: WorkerSettings, ledger: Ledger, recovery: Recovery, model:
     worker_ready.connect(lambda **_: sweeping.start(), weak=False)
     # Only a dead or frozen worker's messages come back after the visibility timeout, not a busy one's (until the
     # process exits: a warm shutdown still finishes its jobs).
+    HELD.client = ledger.redis
     heartbeat = VisibilityHeartbeat(ledger.redis, HELD.tags)
     beat_every = beat_every_s(settings.visibility_timeout_s)
     beating = Periodic("vlmq-visibility", beat_every, heartbeat.beat, "re-arm the held messages' visibility")

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery.worker.consumer import Consumer
+from celery.worker.state import active_requests
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import Message as KombuMessage
@@ -183,15 +184,22 @@ class TolerantMessage(KombuMessage):
         """kombu's ack, except on a channel whose connection was lost meanwhile: a task that ended while the
         consumer reconnected is acknowledged on the old channel, whose client kombu has dropped ("'NoneType' object
         has no attribute 'hostname'", the same kombu 5.7 race as in `VlmqConsumer`). Celery would call that
-        unrecoverable and stop the worker with status 0, its held jobs unrun. The message was put back when the
-        connection was lost (or comes back after the visibility timeout); its copy returns the stored result."""
+        unrecoverable and stop the worker with status 0, its held jobs unrun. The message, kept held when the
+        connection was lost (`hold_running`), is acknowledged through the worker's own Redis client instead; failing
+        that, it comes back after the visibility timeout and its copy returns the stored result."""
         try:
             super().ack(multiple=multiple)
-        except AttributeError as error:
+        except AttributeError as lost:
             transport = getattr(self.channel, "connection", None)
             if transport is not None and transport.client is not None:
                 raise
-            log.warning("could not acknowledge message %s on its lost connection (%s)", self.delivery_tag, error)
+            reason: Exception = lost
+            try:
+                done = HELD.acknowledge(str(self.delivery_tag))
+            except redis.RedisError as exc:
+                done, reason = False, exc
+            if not done:
+                log.warning("could not acknowledge message %s on its lost connection (%s)", self.delivery_tag, reason)
             self._state = "ACK"  # done with on this side; a second ack would raise kombu's MessageStateError
 
 
@@ -284,6 +292,7 @@ class VlmqConsumer(Consumer):
         return lambda message: self.intake.receive(message, celery)
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
+        hold_running(self.connection)
         try:
             super().on_connection_error_after_connected(exc)
         except AttributeError as error:
@@ -306,6 +315,22 @@ class VlmqConsumer(Consumer):
 
     def on_unknown_task(self, body: Any, message: Message, exc: Exception) -> None:
         self.intake.refuse(message, _refusal(message, f"unknown task: {exc}"))
+
+
+def hold_running(connection: Any) -> None:
+    """Before Celery closes a lost broker connection: kombu would put back in their queues every message the worker
+    holds, those of running jobs too, and each would then run a second time beside the first (Celery warns of it;
+    cancelling running tasks is not possible in the threads pool). A running job's message stays held instead: the
+    heartbeat re-arms it and its task acknowledges it when it ends (`TolerantMessage.ack`). The others, which Celery
+    forgets on reconnecting (a retry waiting for its delay), stay unacknowledged and come back after the visibility
+    timeout."""
+    running = {str(request.message.delivery_tag) for request in tuple(active_requests)}
+    for channel in tuple(getattr(getattr(connection, "transport", None), "channels", ())):
+        channel.do_restore = False
+        qos = getattr(channel, "_qos", None)
+        if qos is not None:
+            for tag in [t for t in list(qos._delivered) if str(t) not in running]:
+                qos._delivered.pop(tag, None)
 
 
 def _refusal(message: Message, why: str) -> Refused:

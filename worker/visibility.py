@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 import redis
 
 UNACKED_INDEX = "unacked_index"  # kombu's default `unacked_index_key`
+UNACKED = "unacked"  # kombu's default `unacked_key`: delivery tag -> the message
 MOST_EVERY_S = 30.0
 
 
@@ -34,6 +35,19 @@ class HeldMessages:
 
     def __init__(self) -> None:
         self._channels: weakref.WeakSet[object] = weakref.WeakSet()
+        self.client: redis.Redis | None = None  # the worker's, for what a lost channel cannot acknowledge
+
+    def acknowledge(self, tag: str) -> bool:
+        """Take a message out of kombu's unacknowledged set, as its channel's ack would, for a channel whose
+        connection was lost; False when this process has no client for it (it then comes back after the visibility
+        timeout, and its copy returns the stored result)."""
+        if self.client is None:
+            return False
+        pipe = self.client.pipeline()
+        pipe.zrem(UNACKED_INDEX, tag)
+        pipe.hdel(UNACKED, tag)
+        pipe.execute()
+        return True
 
     def track(self, channel: object) -> None:
         self._channels.add(channel)

@@ -6,11 +6,15 @@ tests using them) alone, and prints its figures (jobs, outage, retried, lost) fo
 
 from __future__ import annotations
 
+import gc
+import json
 import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -18,7 +22,9 @@ import redis
 from producer import Job
 from tests.conftest import MEDIA_BUCKET, RESULTS_BUCKET, Stack
 from tests.helpers import FAST_REDELIVERY, RECEIVED, results_ready, upload_images
+from worker.consumer import HELD
 from worker.devtools.local_services import RedisServer, SeaweedS3, Service, wait_until
+from worker.visibility import UNACKED, UNACKED_INDEX
 
 # Retries must outlast the ~15 s outage: 12 retries waiting 0.5-1, 1-2, then 2-4 s each (equal jitter) span 37 s
 # at least.
@@ -103,6 +109,7 @@ def test_the_worker_resumes_by_itself_when_redis_restarts_mid_run_and_no_job_is_
             f"{sum(1 for i in ids if received[i] > 1)} received twice, run twice {sum(1 for i in ids if runs[i] > 1)}"
         )
         assert worker.proc.poll() is None and worker.proc.pid == pid and len(stack.workers) == 1, worker.log_tail()
+        assert [i for i in ids if runs[i] > 1] == []  # a running job's message stayed held: it did not run again
         assert before < 60, "every job had finished before Redis stopped: nothing was restarted mid-run"
         assert done == len(ids), f"{len(ids) - done} jobs have no result; worker log:\n{worker.log_tail(60)}"
         results = client.collect(ids, progress=False, timeout=30)
@@ -185,7 +192,63 @@ def test_an_ack_on_a_connection_lost_meanwhile_does_not_stop_the_worker(redis_se
     second = message(dropped, "tag-2")
     dropped.collect()  # and once kombu collected the connection: the channel forgot its transport
 
-    first.ack()  # logged, not raised
-    second.ack()
+    client = redis.Redis.from_url(redis_server.url)
+    for tag in ("tag-1", "tag-2"):  # as kombu recorded them when it delivered them
+        client.zadd(UNACKED_INDEX, {tag: 1.0})
+        client.hset(UNACKED, tag, "[]")
+    HELD.client = client
+    try:
+        first.ack()  # through the worker's own client, not raised
+        second.ack()
+    finally:
+        HELD.client = None
 
     assert (acked.acknowledged, first.acknowledged, second.acknowledged) == (True, True, True)
+    assert (client.zcard(UNACKED_INDEX), client.hlen(UNACKED)) == (0, 0)
+
+
+def test_a_lost_connection_keeps_running_jobs_messages_held_and_leaves_the_others_to_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """kombu's own channel on a real Redis: of two delivered messages, the one whose task runs stays in the
+    unacknowledged set and the heartbeat keeps re-arming it; the other (a retry Celery forgets on reconnecting)
+    stays there too, for the visibility timeout to bring back; neither goes back to the queue at once."""
+    from celery.worker.state import active_requests
+    from kombu import Connection
+    from kombu.transport import redis as kombu_redis
+
+    from worker.consumer import VlmqChannel, hold_running
+
+    class Transport(kombu_redis.Transport):
+        Channel = VlmqChannel
+
+    class Running:  # what hold_running reads of a Celery request
+        def __init__(self, message: object) -> None:
+            self.message = message
+
+    redis_server = RedisServer(tmp_path / "redis").start()  # its own: what it leaves unacknowledged stays there
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_server.url)
+    for n in range(2):
+        body = {"body": "e30=", "content-type": "application/json", "headers": {"n": n}, "properties": {}}
+        client.lpush(queue, json.dumps(body))
+    received: list[Any] = []
+    connection = Connection(redis_server.url, transport=Transport)
+    channel = connection.default_channel
+    channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+    while len(received) < 2:
+        connection.drain_events(timeout=10)
+    running = Running(received[0])
+    active_requests.add(running)
+    try:
+        hold_running(connection)
+        connection.collect()
+        held, tags = HELD.tags(), [m.delivery_tag for m in received]
+        assert client.llen(queue) == 0
+        assert sorted(client.hkeys(UNACKED)) == sorted(t.encode() for t in tags)
+        assert held == tags[:1]
+    finally:
+        active_requests.discard(running)
+        del running, received, channel, connection
+        gc.collect()  # the channel leaves HELD: other tests' heartbeats do not see its messages
+        redis_server.stop()
