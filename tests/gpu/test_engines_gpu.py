@@ -16,11 +16,17 @@ against. The hf engine runs twice: on its CUDA-graph decode loop (the default on
 `generate` (`--no-cuda-graphs`). The tiny model (its output layer widened x40, so that greedy choices have margins)
 is loaded in bf16; the 0.5b preset's random logits sit in near-ties and would measure rounding, not batching. The
 vllm case runs where vLLM (the CUDA build) is installed in this environment, else it is skipped.
+
+A rehearsal on CPU (`VLMQ_GPU_TESTS_ON_CPU=1`, what CI runs inside the offline bundle, tests/integration/
+test_offline_bundle.py) runs the same code on the CPU in fp32, where the hf engine is token-exact (every text must
+equal the model card's), and the static decode loop runs eagerly (`--decoder static`), the code a CUDA graph
+captures. GPU time is scarce; a test that breaks should break here first.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from functools import cache
 from pathlib import Path
@@ -37,25 +43,27 @@ JOBS = 24
 SIZES = [(32, 32), (640, 480), (480, 640), (1000, 200), (150, 600), (384, 384), (97, 61), (64, 96)]
 QUESTIONS = ["What is in the picture?", "How many people are there?", "What colour is the sky?"]
 CAPTION = "Describe this image in detail."
+ON_CPU = os.environ.get("VLMQ_GPU_TESTS_ON_CPU") == "1"  # the rehearsal (see the module docstring)
+DEVICE, DTYPE = ("cpu", "float32") if ON_CPU else ("cuda", "bfloat16")
 
 
 @cache
-def bf16_model(model_dir: str):  # -> (model, processor)
+def card_model(model_dir: str):  # -> (model, processor)
     import torch
     from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16)
-    return model.to("cuda:0").eval(), AutoProcessor.from_pretrained(model_dir)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, DTYPE))
+    return model.to(DEVICE).eval(), AutoProcessor.from_pretrained(model_dir)
 
 
-def alone_bf16(model_dir: Path, image: Image.Image, text: str) -> str:
-    """The model card's code for one job alone, in bf16 on the GPU, greedy."""
+def card_alone(model_dir: Path, image: Image.Image, text: str) -> str:
+    """The model card's code for one job alone, in bf16 on the GPU (fp32 in the CPU rehearsal), greedy."""
     import torch
 
-    model, processor = bf16_model(str(model_dir))
+    model, processor = card_model(str(model_dir))
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to("cuda:0", torch.bfloat16)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(DEVICE, getattr(torch, DTYPE))
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
     return processor.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -86,8 +94,10 @@ def jobs_and_images(stack: Stack) -> tuple[list[Job], list[tuple[Image.Image, st
 
 def start(stack: Stack, engine: str, *extra: str):
     if engine.startswith("hf"):
-        graphs = "--cuda-graphs" if engine == "hf" else "--no-cuda-graphs"
-        args = ("--engine", "hf", "--device", "cuda", "--dtype", "bfloat16", "--max-batch-size", "8", graphs)
+        graphs = ("--cuda-graphs",) if engine == "hf" else ("--no-cuda-graphs",)
+        if engine == "hf" and ON_CPU:
+            graphs += ("--decoder", "static")  # the loop the graphs capture, eagerly (the default on CUDA)
+        args = ("--engine", "hf", "--device", DEVICE, "--dtype", DTYPE, "--max-batch-size", "8", *graphs)
         return stack.start_worker(*args, *extra, timeout_s=600)
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed in this environment: pip install 'vlmq[vllm]' (the CUDA build)")
@@ -99,9 +109,8 @@ def agreement(engine: str, against: str, texts: list[str], expected: list[str]) 
     """(share of texts exact, mean shared prefix), printed with the texts that differ."""
     exact = sum(t == e for t, e in zip(texts, expected, strict=True)) / len(texts)
     prefix = sum(shared_prefix(t, e) for t, e in zip(texts, expected, strict=True)) / len(texts)
-    print(
-        f"\n{engine} engine batched vs {against}, bf16: {exact:.0%} of {len(texts)} exact, shared prefix {prefix:.1%}"
-    )
+    shared = f"shared prefix {prefix:.1%}"
+    print(f"\n{engine} engine batched vs {against}, {DTYPE}: {exact:.0%} of {len(texts)} exact, {shared}")
     for t, e in zip(texts, expected, strict=True):
         if t != e:
             print(f"  batched: {t!r}\n  alone:   {e!r}")
@@ -119,8 +128,10 @@ FLOORS = {"hf": (0.90, 0.95), "hf-generate": (0.90, 0.95), "vllm": (0.60, 0.85)}
 
 @pytest.mark.parametrize("engine", ["hf", "hf-generate", "vllm"])
 def test_batched_jobs_in_bf16_agree_with_each_job_alone(stack: Stack, engine: str) -> None:
+    if ON_CPU and engine == "vllm":
+        pytest.skip("the vllm engine's token-exactness on CPU is tests/integration/test_vllm_engine.py")
     jobs, inputs = jobs_and_images(stack)
-    expected = [alone_bf16(stack.model, image, text) for image, text in inputs]
+    expected = [card_alone(stack.model, image, text) for image, text in inputs]
     start(stack, engine)
     client = stack.client()
 
@@ -133,6 +144,8 @@ def test_batched_jobs_in_bf16_agree_with_each_job_alone(stack: Stack, engine: st
     agreement(engine, f"the same engine, each job alone (batch size {max(r.batch_size or 0 for r in alone)})",
               texts, [r.text or "" for r in alone])  # fmt: skip
     exact, prefix = agreement(engine, "the model card's code alone", texts, expected)
+    if ON_CPU:  # fp32: token-exact, whatever the batch
+        assert texts == expected
     exact_floor, prefix_floor = FLOORS[engine]
     assert exact >= exact_floor
     assert prefix >= prefix_floor
@@ -149,16 +162,17 @@ def test_the_hf_engine_captures_its_decode_graphs_at_start_up_and_none_while_ser
     client = stack.client()
 
     results = client.run(jobs, progress=False, timeout=600)
-    longer = [Job(**j.model_dump(exclude={"id"}), max_new_tokens=200) for j in jobs[:5]]
+    longer = [Job(**j.model_dump(exclude={"id", "max_new_tokens"}), max_new_tokens=200) for j in jobs[:5]]
     results += client.run(longer, progress=False, timeout=600)
 
     assert [r.error for r in results] == [None] * len(results)
     assert captured > 0
     assert scrape(port)[("vlmq_decode_compilations_total", ())] == captured
-    print(f"\nhf engine: {captured:.0f} decode graphs captured at start-up, none while serving")
+    built = "decode shapes built (eagerly: CPU)" if ON_CPU else "decode graphs captured"
+    print(f"\nhf engine: {captured:.0f} {built} at start-up, none while serving")
 
 
 def test_the_reference_is_deterministic_alone(stack: Stack) -> None:
     """The floor is about batching: the model card's bf16 call must give the same text twice for one job."""
     image = random_image(640, 480, seed=7)
-    assert alone_bf16(stack.model, image, CAPTION) == alone_bf16(stack.model, image, CAPTION)
+    assert card_alone(stack.model, image, CAPTION) == card_alone(stack.model, image, CAPTION)

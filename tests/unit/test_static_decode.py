@@ -94,9 +94,12 @@ def test_sampling_jobs_decode_with_generate(vlm: VisionLanguageModel) -> None:
 def test_a_row_that_ends_stops_where_generate_stops_it(tiny_model: Path) -> None:
     vlm = VisionLanguageModel.load(str(tiny_model), "cpu")
     items = jobs(vlm, new_tokens=16, count=3)
-    # Make the 4th token the first job generates an end-of-sequence token, for generate() and the static loop alike.
-    first = vlm.generate(items[:1])[0]
-    token = vlm.processor.tokenizer(first.text, add_special_tokens=False)["input_ids"][3]
+    # Make the 4th token the first job generates an end-of-sequence token, for generate() and the static loop alike
+    # (its id from generate's output: a decoded text does not always tokenize back to the same ids).
+    inputs = vlm.collate(items[:1])
+    output = vlm.model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=vlm.pad_token_id)
+    generated = output[0, inputs["input_ids"].shape[1] :].tolist()
+    token = generated[3]
     vlm.model.generation_config.eos_token_id = token
     vlm.eos_ids = {token}
     expected = vlm.generate(items)
@@ -105,7 +108,7 @@ def test_a_row_that_ends_stops_where_generate_stops_it(tiny_model: Path) -> None
     results = vlm.run(vlm.stage(items))
 
     assert [(r.text, r.tokens) for r in results] == [(e.text, e.tokens) for e in expected]
-    assert results[0].tokens < 16
+    assert results[0].tokens == generated.index(token) + 1  # 4, or earlier where that id came before
 
 
 def test_every_shape_is_built_at_start_up_and_serving_builds_none(vlm: VisionLanguageModel) -> None:
