@@ -5,14 +5,16 @@ the batch is split into prefill calls and decodes and whatever padding rows its 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from producer.core.jobs import Generation, Job
 from tests.reference import random_image, reference_text
 from worker.engines.decode_plan import DecodePlan
 from worker.engines.hf_model import Prepared, VisionLanguageModel
-from worker.engines.hf_static import StaticDecoder
+from worker.engines.hf_static import CHECK_EVERY, StaticDecoder
 
 SIZES = [(32, 32), (640, 480), (90, 300), (1000, 150), (77, 77), (384, 384), (200, 50)]
 QUESTIONS = ["What is this?", "Describe it.", "How many?", "Where?", "Why?", "What colour is it?", "Who?"]
@@ -123,3 +125,51 @@ def test_every_shape_is_built_at_start_up_and_serving_builds_none(vlm: VisionLan
         vlm.run(vlm.stage(jobs(vlm, new_tokens=new_tokens, count=count)))
 
     assert len(built) == 7
+
+
+class Dispatched(TorchDispatchMode):
+    """The aten ops a block of code runs, in order: what a CUDA graph of it would capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that read a tensor's values on the host (on CUDA each waits for the device and none can be captured), or that
+# copy host data to the device (torch.tensor(...) inside the step).
+HOST_BOUND = {
+    "aten.is_nonzero", "aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten._unique2",
+    "aten.unique_consecutive", "aten.unique_dim", "aten.lift_fresh", "aten.lift_fresh_copy",
+}  # fmt: skip
+
+
+def test_a_decode_step_is_the_same_device_work_every_time_and_the_loop_reads_the_device_every_8_steps(
+    vlm: VisionLanguageModel,
+) -> None:
+    decoder = with_decoder(vlm, DecodePlan(kv_tokens=4096, prefill_tokens=4096, max_rows=4, max_length=4096))
+    steps: list[list[str]] = []
+    loops: list[tuple[int, list[str]]] = []
+    step_once, loop = decoder._step, decoder._loop
+
+    def recorded_step(step: Any) -> None:
+        with Dispatched() as ops:
+            step_once(step)
+        steps.append(ops.ops)
+
+    def recorded_loop(step: Any, rows: int, count: int) -> int:
+        with Dispatched() as ops:
+            ran = loop(step, rows, count)
+        loops.append((ran, ops.ops))
+        return ran
+
+    decoder._step, decoder._loop = recorded_step, recorded_loop  # type: ignore[method-assign]
+    vlm.run(vlm.stage(jobs(vlm, new_tokens=33, count=3)))
+
+    assert [ran for ran, _ in loops] == [32]
+    assert len(steps) == 32 and all(ops == steps[0] for ops in steps)  # no data-dependent control flow
+    assert HOST_BOUND.isdisjoint(steps[0])
+    assert [op for op in loops[0][1] if op in HOST_BOUND] == ["aten.is_nonzero"] * (32 // CHECK_EVERY)
