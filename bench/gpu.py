@@ -226,6 +226,35 @@ def engine_row(run: Run, worker: EngineWorker, loads: dict[str, list[Job]], dead
     return row
 
 
+# What a worker's log says about how it sized its batches and built its decode loop (printed with its row).
+START_UP_LINES = ("batches sized from memory", "static decoding", "static decoding is off", "as a CUDA graph failed")
+
+
+def measure_run(
+    run: Run, model_dir: Path, work: Path, env: dict[str, str], loads: dict[str, list[Job]], deadline: Deadline,
+    name: str,
+) -> Row:  # fmt: skip
+    """One row: start its worker, measure, stop it. A worker that fails gives a row that says why (the rest of the
+    run goes on: GPU time is scarce) and the end of its log."""
+    try:
+        worker = start_engine_worker(run.engine, model_dir, work, env, run.flags, name=name)
+    except (RuntimeError, TimeoutError) as exc:
+        log = work / f"worker-{name}.log"
+        tail = log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []
+        print(f"{run.name}: the worker did not start ({exc}); the end of its log:", *tail, sep="\n  ", flush=True)
+        return Row(run.name, note=f"the worker did not start: {exc}")
+    said = [line for line in worker.service.log_path.read_text(errors="replace").splitlines()
+            if any(part in line for part in START_UP_LINES)]  # fmt: skip
+    print(*said, sep="\n", flush=True)
+    try:
+        row = engine_row(run, worker, loads, deadline, work)
+    finally:
+        worker.stop()
+    if any("as a CUDA graph failed" in line for line in said):
+        row.note += "CUDA graph capture failed: decoded eagerly (the worker's log line above); "
+    return row
+
+
 def busy_share(engine: str, m: Measured) -> str:
     if engine == "hf":
         return f"{m.busy:.0%}"
@@ -258,11 +287,7 @@ def run_all(args: argparse.Namespace, plan: Plan, deadline: Deadline, work: Path
             if deadline.left() < 60:
                 rows.append(Row(run.name, note="skipped: the time budget is spent"))
                 continue
-            worker = start_engine_worker(run.engine, model_dir, work, stack.env, run.flags, name=f"{len(rows)}")
-            try:
-                rows.append(engine_row(run, worker, loads, deadline, work))
-            finally:
-                worker.stop()
+            rows.append(measure_run(run, model_dir, work, stack.env, loads, deadline, name=f"{len(rows)}"))
             print_row(rows[-1])
     return rows
 

@@ -173,3 +173,31 @@ def test_a_decode_step_is_the_same_device_work_every_time_and_the_loop_reads_the
     assert len(steps) == 32 and all(ops == steps[0] for ops in steps)  # no data-dependent control flow
     assert HOST_BOUND.isdisjoint(steps[0])
     assert [op for op in loops[0][1] if op in HOST_BOUND] == ["aten.is_nonzero"] * (32 // CHECK_EVERY)
+
+
+def test_a_graph_that_cuda_refuses_to_capture_leaves_every_shape_decoding_eagerly(
+    vlm: VisionLanguageModel, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plan = DecodePlan(kv_tokens=2048, prefill_tokens=4096, max_rows=4, max_length=2048)
+    decoder = StaticDecoder(vlm.model, plan, vlm.pad_token_id, graphs=False)
+    captured: list[tuple[int, int]] = []
+
+    def capture(step: Any) -> None:  # as on a GPU: the first shapes capture, then CUDA refuses one
+        if len(captured) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captured.append((step.rows, step.length))
+        step.graph = "a captured graph"
+
+    decoder.graphs, decoder._capture = True, capture  # type: ignore[method-assign]
+    decoder.build()
+    vlm.decoder = decoder
+
+    results = vlm.run(vlm.stage(jobs(vlm, new_tokens=12, count=3)))
+
+    assert [r.text for r in results] == alone(tiny_model, 3, 12)
+    assert len(captured) == 2 and len(decoder.steps) == len(plan.shapes()) == 7
+    assert decoder.graphs is False and [s.graph for s in decoder.steps.values()] == [None] * 7
+    assert [r.getMessage().split(";")[0] for r in caplog.records if r.levelname == "WARNING"] == [
+        "capturing the decode step (rows 4, cache 512) as a CUDA graph failed "
+        "(RuntimeError: operation not permitted when stream is capturing)"
+    ]

@@ -229,9 +229,25 @@ class StaticDecoder:
         if step is None:
             step = self.steps[(rows, length)] = self._new_step(rows, length)
             if self.graphs:
-                self._capture(step)
+                self._capture_or_decode_eagerly(step)
             self.built()
         return step
+
+    def _capture_or_decode_eagerly(self, step: Step) -> None:
+        """Capture the shape's graph; if CUDA refuses (a kernel that cannot be captured in this torch/driver), every
+        shape decodes eagerly from then on: slower, the same tokens, and the worker still starts."""
+        try:
+            self._capture(step)
+        except Exception as exc:
+            self.graphs = False
+            for built in self.steps.values():
+                built.graph = None
+            log.warning(
+                "capturing the decode step (rows %d, cache %d) as a CUDA graph failed (%s: %s); every shape decodes "
+                "eagerly instead (slower, same tokens). Hint: report this with the torch and driver versions; "
+                "--no-cuda-graphs skips the capture",
+                step.rows, step.length, type(exc).__name__, exc,
+            )  # fmt: skip
 
     def _new_step(self, rows: int, length: int) -> Step:
         n = rows * self.kv_heads * length * self.head_dim
