@@ -158,6 +158,7 @@ def add_worker_command(sub: Any) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a worker (or, with --gpus, one per GPU under a supervisor); 2 when it cannot start here."""
     from producer.core.errors import CannotStart
+    from producer.core.settings import invalid_settings
     from worker.app import run_worker
     from worker.devtools.faults import hooks_for
     from worker.errors import ConfigError
@@ -167,7 +168,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         settings = WorkerSettings(**overrides)
     except ValidationError as exc:
-        print(f"vlmq worker: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"vlmq worker: {invalid_settings(exc, flags=overrides)}", file=sys.stderr)
         return EXIT_CANNOT_START
     if args.gpus:
         from worker.supervisor import Supervisor, parse_gpus

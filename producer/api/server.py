@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from producer.api.settings import ApiSettings
 from producer.core.preflight import check_bucket
+from producer.core.settings import invalid_settings
 from producer.core.storage import make_s3_client
 from producer.errors import CannotStart
 
@@ -70,6 +71,6 @@ def main(host: str, port: int, allow_no_auth_local: bool) -> int:
         print(f"vlmq api: cannot start: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        print(f"vlmq api: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"vlmq api: {invalid_settings(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -6,9 +6,10 @@ boto3's standard chain (environment, shared files, instance roles), never from h
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -80,3 +81,18 @@ class SharedSettings(BaseSettings):
     def result_key(self, job_id: str) -> str:
         """The S3 key of a job's result object."""
         return f"{self.results_prefix}{job_id}.json"
+
+
+def invalid_settings(exc: ValidationError, flags: Collection[str] = ()) -> str:
+    """A settings ValidationError as one line: each wrong setting by where it came from (its flag when one of `flags`
+    set it, else its environment variable), the value given and what it must be."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        why = str(error["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
+        if not error["loc"]:  # a check across settings: its message names them
+            parts.append(why)
+            continue
+        name = str(error["loc"][0])
+        where = "--" + name.replace("_", "-") if name in flags else f"VLMQ_{name.upper()}"
+        parts.append(f"{where}={error['input']}: {why}")
+    return "invalid settings: " + "; ".join(parts)

@@ -102,3 +102,20 @@ def test_a_checkpoint_the_engine_cannot_load(stack: Stack, tmp_path: Path) -> No
     assert [line for line in lines if "Traceback" in line] == []
     assert lines[-1].startswith(f"vlmq worker: cannot start: the model {broken} could not be loaded: "), lines[-1]
     assert lines[-1].endswith(" (`vlmq -v worker ...` shows the traceback)")
+
+
+def test_a_setting_out_of_range_names_where_it_came_from(stack: Stack) -> None:
+    """One line per command, naming the flag or the environment variable that set each wrong value."""
+    worker = vlmq(stack, "worker", "--model", str(stack.model), "--max-batch-size", "0", "--device", "tpu",
+                  env={"VLMQ_MAX_WAIT_MS": "-5"})  # fmt: skip
+    api = vlmq(stack, "api", env={"VLMQ_VISIBILITY_TIMEOUT_S": "0"})
+
+    assert worker == (
+        2,
+        [
+            "vlmq worker: invalid settings: --device=tpu: device 'tpu' is not auto, cpu, cuda or cuda:N. "
+            "Hint: --device cuda:0; --max-batch-size=0: must be greater than or equal to 1; "
+            "VLMQ_MAX_WAIT_MS=-5: must be greater than or equal to 0"
+        ],
+    )
+    assert api == (2, ["vlmq api: invalid settings: VLMQ_VISIBILITY_TIMEOUT_S=0: must be greater than or equal to 1"])
