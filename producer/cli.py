@@ -17,6 +17,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from producer.cli_batch import EXIT_FAILED, EXIT_NO_RESULT, add_batch_parser, print_json
+from producer.core.settings import invalid_settings
+
+# The settings models whose ValidationError is the user's environment, not a bug: one line, exit status 2.
+SETTINGS_CLASSES = {"SharedSettings", "ClientSettings", "WorkerSettings", "ApiSettings"}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -279,7 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # "Found credentials in environment variables." on every command otherwise
         logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        if exc.title not in SETTINGS_CLASSES:
+            raise
+        print(f"vlmq {args.command}: {invalid_settings(exc)}", file=sys.stderr)  # a VLMQ_ variable out of range
+        return 2
 
 
 if __name__ == "__main__":

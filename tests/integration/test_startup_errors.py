@@ -105,10 +105,12 @@ def test_a_checkpoint_the_engine_cannot_load(stack: Stack, tmp_path: Path) -> No
 
 
 def test_a_setting_out_of_range_names_where_it_came_from(stack: Stack) -> None:
-    """One line per command, naming the flag or the environment variable that set each wrong value."""
+    """One line per command (the worker, the API, a client command), naming the flag or the environment variable
+    that set each wrong value."""
     worker = vlmq(stack, "worker", "--model", str(stack.model), "--max-batch-size", "0", "--device", "tpu",
                   env={"VLMQ_MAX_WAIT_MS": "-5"})  # fmt: skip
     api = vlmq(stack, "api", env={"VLMQ_VISIBILITY_TIMEOUT_S": "0"})
+    result = vlmq(stack, "result", "some-id", env={"VLMQ_VISIBILITY_TIMEOUT_S": "0"})
 
     assert worker == (
         2,
@@ -119,3 +121,7 @@ def test_a_setting_out_of_range_names_where_it_came_from(stack: Stack) -> None:
         ],
     )
     assert api == (2, ["vlmq api: invalid settings: VLMQ_VISIBILITY_TIMEOUT_S=0: must be greater than or equal to 1"])
+    assert result == (
+        2,
+        ["vlmq result: invalid settings: VLMQ_VISIBILITY_TIMEOUT_S=0: must be greater than or equal to 1"],
+    )
