@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from producer.cli_batch import EXIT_FAILED, EXIT_NO_RESULT, add_batch_parser, print_json
-from producer.core.settings import invalid_settings
+from producer.core.settings import invalid_settings, one_line
 
 # The settings models whose ValidationError is the user's environment, not a bug: one line, exit status 2.
 SETTINGS_CLASSES = {"SharedSettings", "ClientSettings", "WorkerSettings", "ApiSettings"}
@@ -40,7 +40,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         else:
             jobs = [Job(media=[uri], **common) for uri in args.uris]
     except ValidationError as exc:
-        print(f"vlmq submit: invalid job:\n{exc}", file=sys.stderr)
+        flag = {"media": "URI", "uri": "URI", "ttl_s": "--ttl"}
+        print(f"vlmq submit: invalid job: {one_line(exc, lambda f: flag.get(f, '--' + f.replace('_', '-')))}",
+              file=sys.stderr)  # fmt: skip
         return EXIT_NO_RESULT
     client = Client.from_env()
     priority: Priority = "bulk" if args.bulk else "interactive"

@@ -6,7 +6,7 @@ boto3's standard chain (environment, shared files, instance roles), never from h
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -86,13 +86,17 @@ class SharedSettings(BaseSettings):
 def invalid_settings(exc: ValidationError, flags: Collection[str] = ()) -> str:
     """A settings ValidationError as one line: each wrong setting by where it came from (its flag when one of `flags`
     set it, else its environment variable), the value given and what it must be."""
+    return "invalid settings: " + one_line(
+        exc, lambda name: "--" + name.replace("_", "-") if name in flags else f"VLMQ_{name.upper()}"
+    )
+
+
+def one_line(exc: ValidationError, name_of: Callable[[str], str]) -> str:
+    """A ValidationError in one line: `NAME=VALUE: what it must be` per error (NAME: `name_of` the field's name), or
+    the message alone for a check across fields (its message names them)."""
     parts = []
     for error in exc.errors(include_url=False):
         why = str(error["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
-        if not error["loc"]:  # a check across settings: its message names them
-            parts.append(why)
-            continue
-        name = str(error["loc"][0])
-        where = "--" + name.replace("_", "-") if name in flags else f"VLMQ_{name.upper()}"
-        parts.append(f"{where}={error['input']}: {why}")
-    return "invalid settings: " + "; ".join(parts)
+        fields = [part for part in error["loc"] if isinstance(part, str)]
+        parts.append(f"{name_of(fields[-1])}={error['input']}: {why}" if fields else why)
+    return "; ".join(parts)
