@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from producer.core.jobs import Generation, Job
 from tests.reference import random_image, reference_text
 from worker.engines.decode_plan import DecodePlan
+from worker.engines.hf import prefill_probes
 from worker.engines.hf_model import Prepared, VisionLanguageModel
 from worker.engines.hf_static import CHECK_EVERY, StaticDecoder
 
@@ -201,3 +202,14 @@ def test_a_graph_that_cuda_refuses_to_capture_leaves_every_shape_decoding_eagerl
         "capturing the decode step (rows 4, cache 512) as a CUDA graph failed "
         "(RuntimeError: operation not permitted when stream is capturing)"
     ]
+
+
+def test_the_prefill_budget_is_probed_with_an_image_job_and_a_video_job(vlm: VisionLanguageModel) -> None:
+    """On CUDA the worker measures the peak activations of these two prefills and budgets for the larger per prompt
+    token (a video frame's vision patches per prompt token are ~3x an image's); here, on CPU, both prefill."""
+    probes = prefill_probes(vlm)
+
+    assert [(p.modality, p.num_tokens) for p in probes] == [(("image", "", ()), 169), (("", "video", (8,)), 56)]
+    for probe in probes:
+        output = vlm.model(**vlm.collate([probe]), use_cache=True, logits_to_keep=1)
+        assert tuple(output.logits.shape[:2]) == (1, 1)

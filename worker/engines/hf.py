@@ -220,32 +220,48 @@ def batch_plan(model: VisionLanguageModel, settings: WorkerSettings, static: boo
         )
     log.info(
         "batches sized from memory: %.1f GiB free after loading, %d KV bytes per token, %.0f prefill bytes per prompt "
-        "token (measured) -> KV pool %d tokens, prefill calls up to %d tokens, at most %d jobs per batch",
+        "token (measured: the larger of an image's and a video's) -> KV pool %d tokens, prefill calls up to %d "
+        "tokens, at most %d jobs per batch",
         free / 1024**3, kv.bytes_per_token, per_token, plan.kv_tokens, plan.prefill_tokens, plan.max_rows,
     )  # fmt: skip
     return plan
 
 
-def measure_prefill_bytes(model: VisionLanguageModel) -> float:
-    """Peak activation bytes per prompt token of one prefill, measured on a 640x480 caption job (CUDA)."""
+def prefill_probes(model: VisionLanguageModel) -> list[Prepared]:
+    """The jobs whose prefill sets the activation budget: a 640x480 image (its anyres crops) and 8 frames of 640x480
+    video. A video frame sends 729 vision patches through the vision tower for 196 prompt tokens, an image ~1.2
+    patches per prompt token, so per prompt token a video prefill needs about 3x an image's activations."""
     import numpy as np
-    import torch
     from PIL import Image
 
     from producer.core.jobs import Generation, Job
 
-    job = Job(task="caption", media=["s3://warm-up/640x480.jpg"])
     image = Image.fromarray(np.full((480, 640, 3), 127, dtype=np.uint8))
-    prepared = model.prepare(job.conversation(), [image], [], Generation(max_new_tokens=1))
-    inputs = {
-        k: v.to(model.device, dtype=model.dtype) if k.startswith("pixel_values") else v.to(model.device)
-        for k, v in model.collate([prepared]).items()
-    }
-    torch.cuda.synchronize(model.device)
-    before = torch.cuda.memory_allocated(model.device)
-    torch.cuda.reset_peak_memory_stats(model.device)
-    with torch.inference_mode():
-        model.model(**inputs, use_cache=True, logits_to_keep=1)
-    peak = torch.cuda.max_memory_allocated(model.device)
-    torch.cuda.empty_cache()
-    return max(peak - before, 1) / prepared.num_tokens
+    frames = np.full((8, 480, 640, 3), 127, dtype=np.uint8)
+    one = Generation(max_new_tokens=1)
+    return [
+        model.prepare(Job(task="caption", media=["s3://warm-up/640x480.jpg"]).conversation(), [image], [], one),
+        model.prepare(Job(task="caption", media=["s3://warm-up/640x480.mp4"]).conversation(), [], [frames], one),
+    ]
+
+
+def measure_prefill_bytes(model: VisionLanguageModel) -> float:
+    """Peak activation bytes per prompt token of one prefill (CUDA): the larger of the probes' (`prefill_probes`)."""
+    import torch
+
+    per_token = []
+    for prepared in prefill_probes(model):
+        inputs = {
+            k: v.to(model.device, dtype=model.dtype) if k.startswith("pixel_values") else v.to(model.device)
+            for k, v in model.collate([prepared]).items()
+        }
+        torch.cuda.synchronize(model.device)
+        before = torch.cuda.memory_allocated(model.device)
+        torch.cuda.reset_peak_memory_stats(model.device)
+        with torch.inference_mode():
+            model.model(**inputs, use_cache=True, logits_to_keep=1)
+        peak = torch.cuda.max_memory_allocated(model.device)
+        del inputs
+        torch.cuda.empty_cache()
+        per_token.append(max(peak - before, 1) / prepared.num_tokens)
+    return max(per_token)
