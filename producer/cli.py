@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from producer.cli_batch import EXIT_FAILED, EXIT_NO_RESULT, add_batch_parser, print_json
-from producer.core.settings import invalid_settings, one_line
+from producer.core.errors import Location, one_line
+from producer.core.settings import invalid_settings, settings_models, unreadable_setting
 
-# The settings models whose ValidationError is the user's environment, not a bug: one line, exit status 2.
-SETTINGS_CLASSES = {"SharedSettings", "ClientSettings", "WorkerSettings", "ApiSettings"}
+
+def submit_flag(location: Location) -> str:
+    """The `vlmq submit` flag (or argument) behind a Job field: `generation.max_new_tokens` -> `--max-new-tokens`."""
+    field = [part for part in location if isinstance(part, str)][-1]
+    return {"media": "URI", "uri": "URI", "ttl_s": "--ttl"}.get(field, "--" + field.replace("_", "-"))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -40,9 +45,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         else:
             jobs = [Job(media=[uri], **common) for uri in args.uris]
     except ValidationError as exc:
-        flag = {"media": "URI", "uri": "URI", "ttl_s": "--ttl"}
-        print(f"vlmq submit: invalid job: {one_line(exc, lambda f: flag.get(f, '--' + f.replace('_', '-')))}",
-              file=sys.stderr)  # fmt: skip
+        print(f"vlmq submit: invalid job: {one_line(exc, submit_flag)}", file=sys.stderr)
         return EXIT_NO_RESULT
     client = Client.from_env()
     priority: Priority = "bulk" if args.bulk else "interactive"
@@ -287,10 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
-    except ValidationError as exc:
-        if exc.title not in SETTINGS_CLASSES:
+    except ValidationError as exc:  # a VLMQ_ variable out of range: the user's environment, not a bug
+        if exc.title not in {model.__name__ for model in settings_models()}:
             raise
-        print(f"vlmq {args.command}: {invalid_settings(exc)}", file=sys.stderr)  # a VLMQ_ variable out of range
+        print(f"vlmq {args.command}: {invalid_settings(exc)}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a VLMQ_ variable that is not the JSON its list or dict setting needs
+        print(f"vlmq {args.command}: {unreadable_setting(exc)}", file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from worker.supervisor import EXIT_CANNOT_START
 
@@ -158,7 +159,7 @@ def add_worker_command(sub: Any) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a worker (or, with --gpus, one per GPU under a supervisor); 2 when it cannot start here."""
     from producer.core.errors import CannotStart
-    from producer.core.settings import invalid_settings
+    from producer.core.settings import invalid_settings, unreadable_setting
     from worker.app import run_worker
     from worker.devtools.faults import hooks_for
     from worker.errors import ConfigError
@@ -169,6 +170,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = WorkerSettings(**overrides)
     except ValidationError as exc:
         print(f"vlmq worker: {invalid_settings(exc, flags=overrides)}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    except SettingsError as exc:  # a VLMQ_ variable that is not the JSON its list setting needs
+        print(f"vlmq worker: {unreadable_setting(exc)}", file=sys.stderr)
         return EXIT_CANNOT_START
     if args.gpus:
         from worker.supervisor import Supervisor, parse_gpus

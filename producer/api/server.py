@@ -7,10 +7,11 @@ import logging
 import sys
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from producer.api.settings import ApiSettings
 from producer.core.preflight import check_bucket
-from producer.core.settings import invalid_settings
+from producer.core.settings import invalid_settings, unreadable_setting
 from producer.core.storage import make_s3_client
 from producer.errors import CannotStart
 
@@ -72,5 +73,8 @@ def main(host: str, port: int, allow_no_auth_local: bool) -> int:
         return 2
     except ValidationError as exc:
         print(f"vlmq api: {invalid_settings(exc)}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a VLMQ_ variable that is not the JSON its list setting needs
+        print(f"vlmq api: {unreadable_setting(exc)}", file=sys.stderr)
         return 2
     return 0

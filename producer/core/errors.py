@@ -16,6 +16,14 @@ itself does: it is not in this tree.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+Location = tuple[int | str, ...]
+
 
 class VlmqClientError(Exception):
     """Base of every error the producer side raises on its own."""
@@ -40,3 +48,23 @@ class ResultWriteError(VlmqClientError):
 class CannotStart(VlmqClientError, RuntimeError):
     """`vlmq worker` or `vlmq api` cannot start: the broker does not answer (worker), or a bucket does not exist.
     The message says what to do; the command prints it as one line and exits with status 2."""
+
+
+def one_line(exc: ValidationError, name_of: Callable[[Location], str], secret: Collection[str] = ()) -> str:
+    """A ValidationError as the one line a command prints: `NAME=VALUE: what it must be` per error (NAME: `name_of`
+    the error's location; VALUE cut at 60 characters, and hidden for the fields in `secret`), or the message alone
+    for a check across fields (its message names them).
+
+    (`producer.core.jobs.describe_invalid` writes the `invalid_job` text a job's result carries: fields by their
+    place in the job JSON, no values.)"""
+    parts = []
+    for error in exc.errors(include_url=False):
+        why = str(error["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
+        location = tuple(error["loc"])
+        if not any(isinstance(part, str) for part in location):
+            parts.append(why)
+            continue
+        value = "(hidden)" if location[0] in secret else str(error.get("input", ""))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        parts.append(f"{name_of(location)}={value}: {why}")
+    return "; ".join(parts)

@@ -6,11 +6,14 @@ boto3's standard chain (environment, shared files, instance roles), never from h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import re
+from collections.abc import Collection
 from typing import Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from producer.core.errors import Location, one_line
 
 
 class SharedSettings(BaseSettings):
@@ -85,18 +88,27 @@ class SharedSettings(BaseSettings):
 
 def invalid_settings(exc: ValidationError, flags: Collection[str] = ()) -> str:
     """A settings ValidationError as one line: each wrong setting by where it came from (its flag when one of `flags`
-    set it, else its environment variable), the value given and what it must be."""
-    return "invalid settings: " + one_line(
-        exc, lambda name: "--" + name.replace("_", "-") if name in flags else f"VLMQ_{name.upper()}"
-    )
+    set it, else its environment variable), the value given (secrets hidden) and what it must be."""
+
+    def name_of(location: Location) -> str:
+        name = str(location[0])
+        return "--" + name.replace("_", "-") if name in flags else f"VLMQ_{name.upper()}"
+
+    secret = {name for model in settings_models() for name, field in model.model_fields.items() if not field.repr}
+    return "invalid settings: " + one_line(exc, name_of, secret)
 
 
-def one_line(exc: ValidationError, name_of: Callable[[str], str]) -> str:
-    """A ValidationError in one line: `NAME=VALUE: what it must be` per error (NAME: `name_of` the field's name), or
-    the message alone for a check across fields (its message names them)."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        why = str(error["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
-        fields = [part for part in error["loc"] if isinstance(part, str)]
-        parts.append(f"{name_of(fields[-1])}={error['input']}: {why}" if fields else why)
-    return "; ".join(parts)
+def unreadable_setting(exc: SettingsError) -> str:
+    """pydantic-settings' error for a variable it could not parse (a list or dict setting is JSON), as one line."""
+    field = re.search(r'field "(\w+)"', str(exc))
+    name = f"VLMQ_{field.group(1).upper()}" if field else "a VLMQ_ variable"
+    cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+    return f'invalid settings: {name} is not valid JSON{cause}; write a list as ["a", "b"]'
+
+
+def settings_models() -> list[type[SharedSettings]]:
+    """SharedSettings and every subclass imported so far (ClientSettings, WorkerSettings, ApiSettings, ...)."""
+    models: list[type[SharedSettings]] = [SharedSettings]
+    for model in models:
+        models.extend(model.__subclasses__())
+    return models

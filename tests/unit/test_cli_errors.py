@@ -39,3 +39,43 @@ def test_a_variable_out_of_range(capsys: pytest.CaptureFixture[str], monkeypatch
             "VLMQ_RESULT_EXPIRES_S=5: must be greater than or equal to 60"
         ],
     )
+
+
+def test_a_list_setting_that_is_not_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLMQ_API_KEYS", '["k1')  # a secret: not printed
+    api = run(["api"], capsys)
+    monkeypatch.delenv("VLMQ_API_KEYS")
+    monkeypatch.setenv("VLMQ_ALLOWED_BUCKETS", "[media")
+    worker = run(["worker", "--model", "m"], capsys)
+
+    assert api == (
+        2,
+        [
+            "vlmq api: invalid settings: VLMQ_API_KEYS=(hidden): Unterminated string starting at: line 1 column 2 "
+            "(char 1)"
+        ],
+    )
+    assert worker == (
+        2,
+        [
+            "vlmq worker: invalid settings: VLMQ_ALLOWED_BUCKETS is not valid JSON (Expecting value: line 1 column 2 "
+            '(char 1)); write a list as ["a", "b"]'
+        ],
+    )
+
+
+def test_a_validation_error_that_is_no_settings_error_is_a_bug_and_stays_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    from producer import cli
+    from producer.core.jobs import Job
+
+    def broken(args: object) -> int:
+        Job.model_validate({})
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_result", broken)
+    with pytest.raises(ValidationError, match="validation error for Job"):
+        main(["result", "some-id"])
