@@ -80,18 +80,31 @@ class EngineWorker:
         self.service.stop()
 
 
+def worker_log(work: Path, name: str) -> Path:
+    """The log of the worker `start_engine_worker(..., name=name)` starts in `work`."""
+    return work / f"worker-{name}.log"
+
+
 def start_engine_worker(
-    engine: str, model_dir: Path, work: Path, env: dict[str, str], args: Sequence[str], name: str | None = None
+    engine: str,
+    model_dir: Path,
+    work: Path,
+    env: dict[str, str],
+    args: Sequence[str],
+    name: str | None = None,
+    timeout_s: float = 600,
 ) -> EngineWorker:
-    """Start one worker for `engine` (hf in this interpreter, vllm in the vLLM one) and wait until it is ready.
-    `name` (default `engine`) names its log and queue: one per worker a run starts."""
+    """Start one worker for `engine` (hf in this interpreter, vllm in the vLLM one) and wait until it is ready
+    (at most `timeout_s`). `name` (default `engine`) names its log (`worker_log`) and queue: one per worker a run
+    starts."""
     name = name or engine
     port, queue = free_port(), f"bench-{name}"
     extra = {**env, "VLMQ_METRICS_PORT": str(port), **(VLLM_ENV if engine == "vllm" else {})}
     python = vllm_python() if engine == "vllm" else Path(sys.executable)
     argv = ("--engine", engine, "--queue", queue, *args)
     started = time.perf_counter()
-    service = start_worker(model_dir, work, *argv, env=extra, name=f"worker-{name}", python=python, timeout_s=600)
+    log = worker_log(work, name)
+    service = start_worker(model_dir, work, *argv, env=extra, name=log.stem, python=python, timeout_s=timeout_s)
     ready_s = time.perf_counter() - started
     print(f"{engine} worker ready in {ready_s:.0f} s ({service.log_path})", flush=True)
     settings = ClientSettings(

@@ -39,7 +39,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from engines import EngineWorker, Measured, measure, start_engine_worker, vllm_python
+from engines import EngineWorker, Measured, measure, start_engine_worker, vllm_python, worker_log
 from model_card import FRAMES, NEW_TOKENS, VIDEO_PROMPT, ModelCardLoop, sample_frames
 from PIL import Image
 
@@ -227,7 +227,7 @@ def engine_row(run: Run, worker: EngineWorker, loads: dict[str, list[Job]], dead
 
 
 # What a worker's log says about how it sized its batches and built its decode loop (printed with its row).
-START_UP_LINES = ("batches sized from memory", "static decoding", "static decoding is off", "as a CUDA graph failed")
+START_UP_LINES = ("batches sized from memory", "static decoding", "as a CUDA graph failed")
 
 
 def measure_run(
@@ -237,9 +237,10 @@ def measure_run(
     """One row: start its worker, measure, stop it. A worker that fails gives a row that says why (the rest of the
     run goes on: GPU time is scarce) and the end of its log."""
     try:
-        worker = start_engine_worker(run.engine, model_dir, work, env, run.flags, name=name)
+        worker = start_engine_worker(run.engine, model_dir, work, env, run.flags, name=name,
+                                     timeout_s=max(min(600, deadline.left()), 60))  # fmt: skip
     except (RuntimeError, TimeoutError) as exc:
-        log = work / f"worker-{name}.log"
+        log = worker_log(work, name)
         tail = log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []
         print(f"{run.name}: the worker did not start ({exc}); the end of its log:", *tail, sep="\n  ", flush=True)
         return Row(run.name, note=f"the worker did not start: {exc}")

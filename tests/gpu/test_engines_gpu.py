@@ -162,7 +162,7 @@ def test_the_hf_engine_captures_its_decode_graphs_at_start_up_and_none_while_ser
     client = stack.client()
 
     results = client.run(jobs, progress=False, timeout=600)
-    longer = [Job(**j.model_dump(exclude={"id", "max_new_tokens"}), max_new_tokens=200) for j in jobs[:5]]
+    longer = [Job(**j.model_dump(exclude={"id"}), max_new_tokens=200) for j in jobs[:5]]
     results += client.run(longer, progress=False, timeout=600)
 
     assert [r.error for r in results] == [None] * len(results)

@@ -31,6 +31,7 @@ import torch
 
 from producer.core.jobs import Generation
 from worker.engines.decode_plan import DecodePlan
+from worker.engines.grouped_sdpa import grouped_decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -49,44 +50,6 @@ _PROCESSOR_SETTINGS = {
     "forced_eos_token_id": None,
     "sequence_bias": None,
 }
-
-
-def grouped_decode_attention() -> None:
-    """Make transformers' `sdpa` attention run decode steps on SDPA's own grouped-query support.
-
-    With a mask, transformers' sdpa attention copies every KV head once per query head (`repeat_kv`) before calling
-    SDPA: for a decode step that is 7x the KV cache in reads and writes for Qwen2-0.5B (14 query heads, 2 KV heads),
-    at batch 192 and 32,768 columns an 11 GB temporary per layer. SDPA takes the grouped heads itself
-    (`enable_gqa`, its memory-efficient kernel on CUDA with a mask; the same numbers on CPU, compared bit for bit).
-    Registered under `sdpa` through transformers' AttentionInterface, its documented extension point; every other
-    call (prefill, the vision tower) goes to transformers' own function unchanged.
-    """
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if ALL_ATTENTION_FUNCTIONS["sdpa"] is not _grouped_sdpa:
-        AttentionInterface.register("sdpa", _grouped_sdpa)
-
-
-def _grouped_sdpa(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    grouped = key.shape[1] != query.shape[1]
-    if query.shape[2] == 1 and grouped and isinstance(attention_mask, torch.Tensor) and not module.training:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True
-        )
-        return out.transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
 class DecodeCache:
@@ -234,19 +197,24 @@ class StaticDecoder:
         return step
 
     def _capture_or_decode_eagerly(self, step: Step) -> None:
-        """Capture the shape's graph; if CUDA refuses (a kernel that cannot be captured in this torch/driver), every
-        shape decodes eagerly from then on: slower, the same tokens, and the worker still starts."""
+        """Capture the shape's graph; if CUDA refuses (a kernel that this torch or driver cannot capture), every shape
+        decodes eagerly from then on: the same tokens, slower, and the worker still starts. The warm-up runs the step
+        first, outside that fallback: a step that fails eagerly is a bug that stops the start-up."""
+        self._warm_up(step)
         try:
-            self._capture(step)
+            self._record(step)
         except Exception as exc:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # a lost device (a sticky CUDA error) raises here: no fallback
             self.graphs = False
             for built in self.steps.values():
                 built.graph = None
+            cause = exc.__context__ or exc  # torch reports a failed capture as "failed due to a previous error"
             log.warning(
                 "capturing the decode step (rows %d, cache %d) as a CUDA graph failed (%s: %s); every shape decodes "
-                "eagerly instead (slower, same tokens). Hint: report this with the torch and driver versions; "
-                "--no-cuda-graphs skips the capture",
-                step.rows, step.length, type(exc).__name__, exc,
+                "eagerly instead (the same tokens, slower). Hint: report this with the torch and driver versions; "
+                "--decoder static --no-cuda-graphs runs this loop without trying the capture",
+                step.rows, step.length, type(cause).__name__, cause,
             )  # fmt: skip
 
     def _new_step(self, rows: int, length: int) -> Step:
@@ -273,9 +241,9 @@ class StaticDecoder:
                 cache=DecodeCache(keys, values, write_at),
             )
 
-    def _capture(self, step: Step) -> None:
-        # As torch.cuda.graphs asks: warm up on a side stream (cuBLAS and SDPA pick and allocate their workspaces),
-        # then capture into the memory pool every shape shares (one decode runs at a time).
+    def _warm_up(self, step: Step) -> None:
+        # As torch.cuda.graphs asks: run the step on a side stream first (cuBLAS and SDPA pick and allocate their
+        # workspaces there), then capture it.
         with torch.inference_mode():
             self._reset(step, prompt_length=0)
             side = torch.cuda.Stream(self.device)
@@ -284,9 +252,15 @@ class StaticDecoder:
                 for _ in range(2):
                     self._step(step)
             torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _record(self, step: Step) -> None:
+        # Into the memory pool every shape shares (one decode runs at a time). The outer stream context puts this
+        # thread's stream back even when a failed capture's own exit cannot.
+        with torch.inference_mode():
             self._reset(step, prompt_length=0)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
+            this_stream = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(this_stream), torch.cuda.graph(graph, pool=self.graph_pool):
                 self._step(step)
             step.graph = graph
 
