@@ -43,14 +43,17 @@ def free_port(with_grpc: bool = False) -> int:
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    """Poll `check` until it returns True; fail early if `proc` exits."""
+    """Poll `check` until it returns True; fail early if `proc` exits before `check` passes (one that was ready and
+    then exited within a poll, e.g. a worker killed by the first message it read, was ready: its supervisor's
+    business)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
+        exited = proc is not None and proc.poll() is not None
         with contextlib.suppress(Exception):
             if check():
                 return
+        if exited:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")  # type: ignore[union-attr]
         time.sleep(0.05)
     raise TimeoutError(f"{what} was not ready after {timeout_s:.0f} s")
 
