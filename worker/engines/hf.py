@@ -251,10 +251,7 @@ def measure_prefill_bytes(model: VisionLanguageModel) -> float:
 
     per_token = []
     for prepared in prefill_probes(model):
-        inputs = {
-            k: v.to(model.device, dtype=model.dtype) if k.startswith("pixel_values") else v.to(model.device)
-            for k, v in model.collate([prepared]).items()
-        }
+        inputs = model.on_device(model.collate([prepared]))
         torch.cuda.synchronize(model.device)
         before = torch.cuda.memory_allocated(model.device)
         torch.cuda.reset_peak_memory_stats(model.device)

@@ -284,14 +284,17 @@ class VisionLanguageModel:
             done.update(zip(staged.rest, self.generate([items[i] for i in staged.rest]), strict=True))
         return [done[i] for i in range(len(items))]
 
-    def generate(self, items: Sequence[Prepared]) -> list[Generated]:
-        """One `model.generate` call for items with equal batch keys; returns each item's text."""
-        generation = items[0].generation
-        batch = self.collate(items)
-        inputs = {
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A collated batch on the model's device, its pixel values in the model's dtype."""
+        return {
             k: v.to(self.device, dtype=self.dtype) if k.startswith("pixel_values") else v.to(self.device)
             for k, v in batch.items()
         }
+
+    def generate(self, items: Sequence[Prepared]) -> list[Generated]:
+        """One `model.generate` call for items with equal batch keys; returns each item's text."""
+        generation = items[0].generation
+        inputs = self.on_device(self.collate(items))
         kwargs: dict[str, Any] = {"max_new_tokens": generation.max_new_tokens, "pad_token_id": self.pad_token_id}
         if generation.temperature > 0:
             kwargs.update(do_sample=True, temperature=generation.temperature, top_p=generation.top_p)
